@@ -1,0 +1,57 @@
+"""One command line for every job: ``qscorer <command> [options]``.
+
+Each command lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``; a module
+is imported only when its command runs, so ``qscorer --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import QScorerError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "score": ("qscorer.scoring", "score images, folders or globs with a Q-Scorer checkpoint"),
+    "infer": ("qscorer.inference", "batch inference over test metas (JSON lines per meta, resumable)"),
+    "eval": ("qscorer.evaluation", "SRCC / PLCC / KRCC / RMSE of predictions against ground-truth metas"),
+    "train": ("qscorer.train.train", "LoRA fine-tuning (the original's flags)"),
+    "merge": ("qscorer.export", "merge a LoRA checkpoint into a self-contained model folder"),
+    "synth": ("qscorer.data.synthetic", "build a synthetic IQA dataset from bundled photos"),
+    "demo": ("qscorer.demo", "the whole pipeline on a tiny model, on CPU, with no download"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument tree; only the chosen command's module is imported to add its options."""
+    parser = argparse.ArgumentParser(prog="qscorer", description="Q-Scorer image quality assessment.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run the command and return its exit status (2 for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((arg for arg in argv if arg in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).run(args)
+    except QScorerError as error:
+        print(f"qscorer {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
