@@ -20,25 +20,25 @@ def _require(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def parity_dir() -> Path:
     """``../shared/parity``: tiny checkpoints in the original formats and golden outputs of the original code."""
     return _require(PARITY)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def golden_dir() -> Path:
     """``../shared/parity/golden``."""
     return _require(GOLDEN)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def llama_tokenizer_dir() -> Path:
     """The real LLaMA-2 tokenizer (``../shared/reference/llama2-tokenizer``)."""
     return _require(REFERENCE / "llama2-tokenizer")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def parity_images_dir() -> Path:
     """``../shared/parity/images``: boat.jpg, landscape_640x360.jpg, portrait_300x500.png."""
     return _require(PARITY / "images")

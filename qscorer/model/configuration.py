@@ -1,0 +1,183 @@
+"""Configuration classes of mPLUG-Owl2 / Q-Scorer (facts §1.2, §1.3).
+
+The class and ``model_type`` names are the original's, so ``config.json`` files written by the original code load
+here and ours load there. The defaults are the 7B model (MAGAer13/mplug-owl2-llama2-7b).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+DEFAULT_DEEPMLP_HIDDEN_DIMS = [2048, 1024]
+
+
+class MplugOwlVisionConfig(PretrainedConfig):
+    """ViT-L/14 vision encoder at 448 px (1024 patches + CLS).
+
+    ``hidden_act`` is stored for compatibility only: the encoder always uses QuickGELU, like the original.
+    """
+
+    model_type = "mplug_owl_vision_model"
+
+    def __init__(
+        self,
+        hidden_size: int = 1024,
+        intermediate_size: int = 4096,
+        projection_dim: int = 768,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 16,
+        num_channels: int = 3,
+        image_size: int = 448,
+        patch_size: int = 14,
+        hidden_act: str = "quick_gelu",
+        layer_norm_eps: float = 1e-6,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        initializer_factor: float = 1.0,
+        use_flash_attn: bool = False,
+        **kwargs: Any,
+    ):
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.projection_dim = projection_dim
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_channels = num_channels
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.initializer_factor = initializer_factor
+        self.use_flash_attn = use_flash_attn
+        super().__init__(**kwargs)
+
+
+class MplugOwlVisualAbstractorConfig(PretrainedConfig):
+    """The 6-layer cross-attention abstractor that turns 1025 image tokens into 64 queries."""
+
+    model_type = "mplug_owl_visual_abstract"
+
+    def __init__(
+        self,
+        num_learnable_queries: int = 64,
+        hidden_size: int = 1024,
+        num_hidden_layers: int = 6,
+        num_attention_heads: int = 16,
+        intermediate_size: int = 2816,
+        attention_probs_dropout_prob: float = 0.0,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-6,
+        encoder_hidden_size: int = 1024,
+        grid_size: int | None = None,
+        **kwargs: Any,
+    ):
+        self.num_learnable_queries = num_learnable_queries
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.encoder_hidden_size = encoder_hidden_size
+        self.grid_size = grid_size if grid_size else 32
+        super().__init__(**kwargs)
+
+
+class MPLUGOwl2Config(PretrainedConfig):
+    """LLaMA-2 with modality-adaptive layers, the visual path in ``visual_config``, and the Q-Scorer head fields.
+
+    ``visual_config`` is a plain dict with the sub-dicts ``visual_model`` and ``visual_abstractor`` (facts §1.3);
+    ``vision_config`` / ``abstractor_config`` rebuild the typed sub-configs from it.
+
+    Q-Scorer fields: ``score_token_id`` (the score token ids, ``<score5>`` first), ``score_tokens`` (the token
+    strings, ``<score1>`` first) and ``deepmlp_hidden_dims`` (hidden widths of the regression head).
+    """
+
+    model_type = "mplug_owl2"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 4096,
+        intermediate_size: int = 11008,
+        num_hidden_layers: int = 32,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 2048,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        pretraining_tp: int = 1,
+        tie_word_embeddings: bool = False,
+        rope_theta: float = 10000.0,
+        rope_scaling: dict | None = None,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        visual_config: dict | None = None,
+        score_token_id: list[int] | None = None,
+        score_tokens: list[str] | None = None,
+        deepmlp_hidden_dims: list[int] | None = None,
+        **kwargs: Any,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.pretraining_tp = pretraining_tp
+        self.rope_theta = rope_theta
+        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
+            raise ValueError(f"rope_scaling={rope_scaling!r} is not supported: mPLUG-Owl2 uses plain RoPE")
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        if visual_config is None:
+            visual_config = {
+                "visual_model": MplugOwlVisionConfig().to_dict(),
+                "visual_abstractor": MplugOwlVisualAbstractorConfig().to_dict(),
+            }
+        self.visual_config = visual_config
+        self.score_token_id = list(score_token_id or [])
+        self.score_tokens = list(score_tokens or [])
+        self.deepmlp_hidden_dims = list(
+            DEFAULT_DEEPMLP_HIDDEN_DIMS if deepmlp_hidden_dims is None else deepmlp_hidden_dims
+        )
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a dict; ``rope_scaling`` is written as null, the form the original (LlamaConfig) reads."""
+        output = super().to_dict()
+        output.pop("rope_parameters", None)
+        output["rope_scaling"] = None
+        return output
+
+    @property
+    def vision_config(self) -> MplugOwlVisionConfig:
+        """The vision encoder's config, rebuilt from ``visual_config["visual_model"]``."""
+        return MplugOwlVisionConfig(**self.visual_config.get("visual_model", {}))
+
+    @property
+    def abstractor_config(self) -> MplugOwlVisualAbstractorConfig:
+        """The abstractor's config, rebuilt from ``visual_config["visual_abstractor"]``."""
+        return MplugOwlVisualAbstractorConfig(**self.visual_config.get("visual_abstractor", {}))

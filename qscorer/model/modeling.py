@@ -1,0 +1,565 @@
+"""MPLUGOwl2LlamaForCausalLM: mPLUG-Owl2 with the Q-Scorer regression head (facts §1.1, §2.3, §2.5, §3).
+
+Data path: images -> vision encoder -> abstractor (65 visual rows each) -> spliced into the text embeddings at the
+-200 placeholders -> modality-adaptive LLaMA -> final-norm hidden states -> ``lm_head`` (token logits) and
+``deepmlp`` (the quality score, read at the position that predicts the score token).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .abstractor import MplugOwlVisualAbstractorModel, MplugOwlVisualAbstractorMultiHeadAttention
+from .configuration import MPLUGOwl2Config
+from .head import DeepMLP
+from .llama import (
+    KeyValue,
+    MPLUGOwl2DecoderLayer,
+    MPLUGOwl2RMSNorm,
+    additive_attention_mask,
+    position_ids_for,
+    rotary_cos_sin,
+)
+from .vision import MplugOwlVisionEmbeddings, MplugOwlVisionModel
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN_INDEX = -200
+SCORE_RANGE = (0.0, 5.0)
+"""Training clamps the head's prediction to this range before the squared error (facts §3.4)."""
+
+
+@dataclass
+class QScorerCausalLMOutput(ModelOutput):
+    """Output of ``forward``.
+
+    - ``loss``: cross-entropy + (sum of squared score errors) / batch size, when ``labels`` are given;
+      ``loss_ce`` / ``loss_score`` hold the two terms.
+    - ``cache``: the KV cache, one (key, value) pair per layer (transformers 5 names this field ``cache``; the
+      same name is used on 4.x).
+    - ``last_hidden_state``: final-norm hidden states over the spliced sequence (text + 65 rows per image);
+      ``hidden_states``: the per-layer tuple when requested.
+    - ``attention_mask``: the spliced padding mask (None when no row is padded).
+    - ``score_positions`` [N, 2]: (row, position) pairs whose next label is a score token;
+      ``score_predictions`` [N]: the clamped head outputs there.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: tuple[KeyValue, ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    last_hidden_state: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    loss_ce: torch.Tensor | None = None
+    loss_score: torch.Tensor | None = None
+    score_positions: torch.Tensor | None = None
+    score_predictions: torch.Tensor | None = None
+
+
+@dataclass
+class QScorerTaskOutput(ModelOutput):
+    """Output of the task-type dispatcher (``input_type="single"``): the weighted loss and its unweighted parts."""
+
+    loss: torch.Tensor | None = None
+    loss_description: torch.Tensor | None = None
+    loss_score: torch.Tensor | None = None
+
+
+@dataclass
+class ScorePrediction(ModelOutput):
+    """Per-image scoring result of ``predict_scores``.
+
+    ``scores`` [B]: the head's output (not clamped). ``score_token_logits`` / ``score_token_probs`` [B, 5]: logits
+    of ``<score5>``..``<score1>`` at the appended token and their probabilities under the softmax over the whole
+    vocabulary. ``token_ids`` [B]: the argmax token appended after the prompt. ``hidden`` [B, width]: the head's input.
+    """
+
+    scores: torch.Tensor | None = None
+    score_token_logits: torch.Tensor | None = None
+    score_token_probs: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+@dataclass
+class MultimodalInputs:
+    """Text embeddings with the visual rows spliced in, and what goes with them."""
+
+    inputs_embeds: torch.Tensor
+    modality_indicators: torch.Tensor
+    attention_mask: torch.Tensor | None
+    labels: torch.Tensor | None
+
+
+def _guarded(tensor: torch.Tensor) -> bool:
+    """True when transformers marked the tensor as loaded from a checkpoint (it must not be re-initialised)."""
+    return getattr(tensor, "_is_hf_initialized", False)
+
+
+class MPLUGOwl2PreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading rules shared by the mPLUG-Owl2 models."""
+
+    config_class = MPLUGOwl2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MPLUGOwl2DecoderLayer", "MplugOwlVisionEncoderLayer", "MplugOwlVisualAbstractorLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+    _keys_to_ignore_on_load_missing = [r"\.[qk]_pos_embed$"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """N(0, initializer_range) for linear / conv / embedding weights and learned tokens, zero biases, unit norms,
+        fixed sin-cos tables for the abstractor; tensors loaded from a checkpoint are left alone.
+
+        The regression head gets N(0, 0.02) weights too: the original declares a Kaiming init, but under
+        ``from_pretrained`` that call is a no-op and this is what it effectively trains from (facts §3.3).
+        """
+        std = self.config.initializer_range
+        normal = [module.weight] if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) else []
+        zeros = [module.bias] if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)) else []
+        ones = [module.weight] if isinstance(module, (nn.LayerNorm, MPLUGOwl2RMSNorm)) else []
+        if isinstance(module, MplugOwlVisionEmbeddings):
+            normal += [module.cls_token, module.position_embedding]
+        if isinstance(module, MplugOwlVisualAbstractorModel):
+            normal += [module.query_embeds, module.vit_eos]
+        if isinstance(module, MplugOwlVisualAbstractorMultiHeadAttention):
+            module.reset_position_tables()
+        for tensor in normal:
+            if not _guarded(tensor):
+                tensor.normal_(0.0, std)
+        for tensor in zeros:
+            if tensor is not None and not _guarded(tensor):
+                tensor.zero_()
+        for tensor in ones:
+            if not _guarded(tensor):
+                tensor.fill_(1.0)
+
+
+class MPLUGOwl2LlamaModel(nn.Module):
+    """The language model (``embed_tokens``, ``layers``, ``norm``) plus the visual path (``vision_model``,
+    ``visual_abstractor``), registered in the original's order so state-dict keys and order match (facts §1.1)."""
+
+    def __init__(self, config: MPLUGOwl2Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(MPLUGOwl2DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = MPLUGOwl2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.vision_model = MplugOwlVisionModel(config.vision_config, config)
+        self.visual_abstractor = MplugOwlVisualAbstractorModel(config.abstractor_config, config.hidden_size, config)
+        self.gradient_checkpointing = False
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] -> [N, 65, width]: vision encoder, abstractor, visual_fc, vit_eos."""
+        pixel_values = pixel_values.to(self.vision_model.embeddings.patch_embed.weight.dtype)
+        return self.visual_abstractor(self.vision_model(pixel_values))
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        modality_indicators: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Sequence[KeyValue] | None = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[KeyValue, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """Run the decoder on embeddings [B, L, width]; returns (final-norm hidden, cache, per-layer hiddens).
+
+        ``attention_mask`` [B, past + L] marks real tokens (None = no padding).
+        """
+        batch, length, _ = inputs_embeds.shape
+        past_length = past_key_values[0][0].shape[2] if past_key_values else 0
+        if attention_mask is not None and attention_mask.shape[-1] != past_length + length:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} tokens, expected {past_length + length} "
+                f"({past_length} cached + {length} new)"
+            )
+        device, dtype = inputs_embeds.device, inputs_embeds.dtype
+        position_ids = position_ids_for(attention_mask, batch, length, past_length, device)
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        rotary = rotary_cos_sin(position_ids, head_dim, self.config.rope_theta, dtype)
+        additive_mask = None
+        if not self.config._attn_implementation.startswith("flash_attention"):
+            additive_mask = additive_attention_mask(attention_mask, length, past_length, dtype, device)
+
+        hidden = inputs_embeds
+        presents, all_hidden = [], []
+        for index, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            past = past_key_values[index] if past_key_values else None
+            arguments = (hidden, modality_indicators, rotary, attention_mask, additive_mask, past)
+            if self.gradient_checkpointing and self.training:
+                hidden, present = self._gradient_checkpointing_func(layer.__call__, *arguments)
+            else:
+                hidden, present = layer(*arguments)
+            if use_cache:
+                presents.append(present)
+        hidden = self.norm(hidden)
+        if output_hidden_states:
+            all_hidden.append(hidden)
+        return hidden, (tuple(presents) if use_cache else None), (tuple(all_hidden) if output_hidden_states else None)
+
+
+def _flatten_images(images) -> torch.Tensor:
+    """Images as one [N, 3, S, S] tensor, in order: a 4-D tensor, a 5-D [B, n, 3, S, S] tensor, or a list of
+    [3, S, S] / [n, 3, S, S] tensors (samples with several images)."""
+    if isinstance(images, torch.Tensor):
+        return images.flatten(0, images.dim() - 4)
+    return torch.cat([image.reshape(-1, *image.shape[-3:]) for image in images], dim=0)
+
+
+def _select_rows(value, rows: list[int]):
+    if isinstance(value, torch.Tensor):
+        return value[torch.tensor(rows, device=value.device)]
+    if isinstance(value, (list, tuple)):
+        return [value[row] for row in rows]
+    return value
+
+
+class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
+    """mPLUG-Owl2 causal LM with Q-Scorer's ``deepmlp`` regression head.
+
+    ``forward(**batch)`` is the causal-LM forward with the score loss (``forward_mlp``);
+    ``forward(input_type="single", task_types=[...], **batch)`` is the training dispatcher over task types.
+    ``predict_scores`` scores images with one prefill and one cached step.
+    """
+
+    def __init__(self, config: MPLUGOwl2Config):
+        super().__init__(config)
+        self.model = MPLUGOwl2LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.deepmlp = DeepMLP(config.hidden_size, config.deepmlp_hidden_dims)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @torch.no_grad()
+    def add_score_tokens(self, score_token_ids: Sequence[int], score_tokens: Sequence[str]) -> None:
+        """Grow the embeddings to cover the score tokens and record them in the config.
+
+        ``score_tokens`` are ``<score1>``..``<score5>`` and ``score_token_ids`` their ids in the same order. New
+        ``lm_head`` rows are the mean of the existing rows (facts §3.2). New input-embedding rows are the mean of
+        the existing rows too (the original left them random N(0, 0.02); they are never trained in LoRA mode and
+        every released checkpoint carries its own values, so this choice only affects training from a base model).
+        ``config.score_token_id`` lists the ids in reverse (``<score5>`` first), like the original.
+        """
+        ids = [int(token_id) for token_id in score_token_ids]
+        if len(ids) != len(score_tokens):
+            raise ValueError(f"{len(ids)} score token ids for {len(score_tokens)} score tokens")
+        old_size = self.model.embed_tokens.num_embeddings
+        new_size = max(old_size, max(ids) + 1)
+        if new_size > old_size:
+            self.model.embed_tokens = self._grown_embedding(self.model.embed_tokens, new_size)
+            self.lm_head = self._grown_lm_head(self.lm_head, new_size)
+            self.config.vocab_size = new_size
+        self.config.score_token_id = list(reversed(ids))
+        self.config.score_tokens = list(score_tokens)
+
+    @staticmethod
+    def _grown_embedding(old: nn.Embedding, new_size: int) -> nn.Embedding:
+        weight = old.weight
+        new = nn.Embedding(
+            new_size, weight.shape[1], padding_idx=old.padding_idx, device=weight.device, dtype=weight.dtype
+        )
+        new.weight[: weight.shape[0]] = weight
+        new.weight[weight.shape[0] :] = weight.mean(dim=0, keepdim=True)
+        new.weight.requires_grad_(weight.requires_grad)
+        return new
+
+    @staticmethod
+    def _grown_lm_head(old: nn.Linear, new_size: int) -> nn.Linear:
+        weight = old.weight
+        new = nn.Linear(weight.shape[1], new_size, bias=False, device=weight.device, dtype=weight.dtype)
+        new.weight[: weight.shape[0]] = weight
+        new.weight[weight.shape[0] :] = weight.mean(dim=0, keepdim=True)
+        new.weight.requires_grad_(weight.requires_grad)
+        return new
+
+    def prepare_multimodal_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        images,
+    ) -> MultimodalInputs:
+        """Embed the text and splice each image's 65 visual rows in place of its -200 placeholder (facts §2.3).
+
+        Images are consumed in order, one per placeholder, across the whole batch. When the batch carries one
+        image per text-only sample as well (the original's training convention), each text-only sample consumes
+        its image without using it. Visual rows get modality indicator 1, label -100 and mask 1; rows of
+        different lengths are right-padded (zeros, indicator 0, label -100, mask 0).
+        """
+        is_placeholder = input_ids == IMAGE_TOKEN_INDEX
+        text_embeds = self.model.embed_tokens(input_ids.masked_fill(is_placeholder, 0))
+        if images is None:
+            if is_placeholder.any():
+                raise ValueError("input_ids contain image placeholders (-200) but no images were given")
+            indicators = torch.zeros(input_ids.shape, dtype=torch.long, device=input_ids.device)
+            return MultimodalInputs(text_embeds, indicators, attention_mask, labels)
+
+        features = self.model.encode_images(_flatten_images(images)).to(text_embeds.device, text_embeds.dtype)
+        placeholders_per_row = is_placeholder.sum(dim=1).tolist()
+        total_placeholders = sum(placeholders_per_row)
+        text_only_rows_take_an_image = features.shape[0] == total_placeholders + placeholders_per_row.count(0)
+        if features.shape[0] != total_placeholders and not text_only_rows_take_an_image:
+            raise ValueError(f"{features.shape[0]} images for {total_placeholders} image placeholders in the batch")
+
+        rows, image_index = [], 0
+        for row in range(input_ids.shape[0]):
+            pieces = {"embeds": [], "indicators": [], "labels": [], "mask": []}
+            positions = is_placeholder[row].nonzero().flatten().tolist()
+            starts, ends = [0] + [p + 1 for p in positions], positions + [input_ids.shape[1]]
+            for segment, (start, end) in enumerate(zip(starts, ends)):
+                pieces["embeds"].append(text_embeds[row, start:end])
+                pieces["indicators"].append(torch.zeros(end - start, dtype=torch.long, device=input_ids.device))
+                if labels is not None:
+                    pieces["labels"].append(labels[row, start:end])
+                if attention_mask is not None:
+                    pieces["mask"].append(attention_mask[row, start:end].bool())
+                if segment < len(positions):
+                    visual = features[image_index]
+                    image_index += 1
+                    count = visual.shape[0]
+                    pieces["embeds"].append(visual)
+                    pieces["indicators"].append(torch.ones(count, dtype=torch.long, device=input_ids.device))
+                    if labels is not None:
+                        pieces["labels"].append(torch.full((count,), IGNORE_INDEX, device=input_ids.device))
+                    if attention_mask is not None:
+                        pieces["mask"].append(torch.ones(count, dtype=torch.bool, device=input_ids.device))
+            if not positions and text_only_rows_take_an_image:
+                pieces["embeds"].append(features[image_index][:0])
+                image_index += 1
+            rows.append({key: torch.cat(value) if value else None for key, value in pieces.items()})
+        return self._pad_rows(rows, labels is not None)
+
+    @staticmethod
+    def _pad_rows(rows: list[dict], with_labels: bool) -> MultimodalInputs:
+        """Stack the spliced rows, right-padding them to the longest; a mask is made when lengths differ."""
+        lengths = [row["embeds"].shape[0] for row in rows]
+        longest = max(lengths)
+        if rows[0]["mask"] is None and len(set(lengths)) > 1:
+            for row, length in zip(rows, lengths):
+                row["mask"] = torch.ones(length, dtype=torch.bool, device=row["embeds"].device)
+
+        def stacked(key: str, fill) -> torch.Tensor:
+            padded = []
+            for row in rows:
+                tensor = row[key]
+                padding = (0, 0) * (tensor.dim() - 1) + (0, longest - tensor.shape[0])
+                padded.append(F.pad(tensor, padding, value=fill))
+            return torch.stack(padded)
+
+        return MultimodalInputs(
+            inputs_embeds=stacked("embeds", 0.0),
+            modality_indicators=stacked("indicators", 0),
+            attention_mask=stacked("mask", False) if rows[0]["mask"] is not None else None,
+            labels=stacked("labels", IGNORE_INDEX) if with_labels else None,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Sequence[KeyValue] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        images=None,
+        gt_scores: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        input_type: str | None = None,
+        task_types: Sequence[str] | None = None,
+    ):
+        """``input_type=None``: ``forward_mlp``. ``input_type="single"``: the task-type dispatcher (facts §3.5)."""
+        batch = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            images=images,
+            gt_scores=gt_scores,
+            logits_to_keep=logits_to_keep,
+        )
+        if input_type is None:
+            return self.forward_mlp(**batch)
+        if input_type == "single":
+            return self.forward_task_types(task_types, **batch)
+        raise ValueError(f"unknown input_type {input_type!r}: expected None or 'single'")
+
+    def forward_task_types(self, task_types: Sequence[str] | None, **batch) -> QScorerTaskOutput:
+        """Training dispatcher: loss = weight_desp * loss("description" rows) + weight_next_token * loss("score" rows).
+
+        Each part is the full ``forward_mlp`` loss of its rows. A task type absent from this process's batch simply
+        contributes nothing here. (The original all-gathered the counts and dropped a task type on EVERY rank when
+        any rank had none of it, and padded smaller subsets by repeating samples; it also required CUDA and a
+        process group. Gradient averaging across ranks needs neither.)
+        """
+        if task_types is None:
+            raise ValueError("input_type='single' needs task_types (one per row)")
+        unknown = sorted(set(task_types) - {"description", "score"})
+        if unknown:
+            raise ValueError(f"unknown task_types {unknown}: expected 'description' or 'score'")
+        weights = {
+            "description": getattr(self.config, "weight_desp", 1.0),
+            "score": getattr(self.config, "weight_next_token", 1.0),
+        }
+        total, parts = None, {}
+        for task, weight in weights.items():
+            rows = [index for index, task_type in enumerate(task_types) if task_type == task]
+            if not rows:
+                continue
+            subset = {
+                key: _select_rows(value, rows)
+                if key in ("input_ids", "attention_mask", "labels", "images", "gt_scores")
+                else value
+                for key, value in batch.items()
+            }
+            parts[task] = self.forward_mlp(**subset).loss
+            total = weight * parts[task] if total is None else total + weight * parts[task]
+        return QScorerTaskOutput(loss=total, loss_description=parts.get("description"), loss_score=parts.get("score"))
+
+    def forward_mlp(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Sequence[KeyValue] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        images=None,
+        gt_scores: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ):
+        """Causal-LM forward over text with spliced images; with ``labels``, loss = CE + score loss (facts §3.4).
+
+        ``logits_to_keep`` > 0 computes logits for the last positions only (not with ``labels``). With
+        ``past_key_values``, ``attention_mask`` (if any) covers the cached and the new tokens.
+        ``return_dict=False`` returns ``to_tuple()`` of the same output (the loss keeps its score term, unlike the
+        original's tuple path).
+        """
+        if output_attentions:
+            raise ValueError("output_attentions is not supported")
+        if use_cache is None:
+            use_cache = self.config.use_cache and not (self.training and self.model.gradient_checkpointing)
+        if past_key_values and images is not None:
+            raise ValueError("images belong to the prefill; a cached step takes text tokens only")
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (with images) or inputs_embeds")
+            spliced = self.prepare_multimodal_inputs(input_ids, attention_mask, labels, images)
+        else:
+            if images is not None:
+                raise ValueError("images can only be spliced into input_ids, not into inputs_embeds")
+            indicators = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            spliced = MultimodalInputs(inputs_embeds, indicators, attention_mask, labels)
+        hidden, cache, all_hidden = self.model(
+            spliced.inputs_embeds,
+            spliced.modality_indicators,
+            spliced.attention_mask,
+            past_key_values,
+            use_cache,
+            bool(output_hidden_states),
+        )
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep cannot be combined with labels")
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        output = QScorerCausalLMOutput(
+            logits=logits,
+            cache=cache,
+            hidden_states=all_hidden,
+            last_hidden_state=hidden,
+            attention_mask=spliced.attention_mask,
+        )
+        if spliced.labels is not None:
+            self._add_losses(output, spliced.labels, gt_scores)
+        return output if return_dict is not False else output.to_tuple()
+
+    def _add_losses(self, output: QScorerCausalLMOutput, labels: torch.Tensor, gt_scores: torch.Tensor | None) -> None:
+        """Cross-entropy on next tokens plus the score term: the head reads the hidden state at every position whose
+        NEXT label is a score token; sum of squared errors of the clamped predictions, divided by the batch size.
+
+        The cross-entropy runs in float32 (the original used the logits' dtype, bf16 in training). A batch without
+        supervised tokens gives CE 0 instead of NaN.
+        """
+        shift_logits = output.logits[:, :-1].float()
+        shift_labels = labels[:, 1:].to(shift_logits.device)
+        if bool((shift_labels != IGNORE_INDEX).any()):
+            loss_ce = F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        else:
+            loss_ce = shift_logits.sum() * 0.0
+
+        score_ids = torch.tensor(self.config.score_token_id, dtype=shift_labels.dtype, device=shift_labels.device)
+        is_score_next = torch.isin(shift_labels, score_ids)
+        positions = is_score_next.nonzero()
+        predictions = self.deepmlp(output.last_hidden_state[:, :-1][is_score_next]).clamp(*SCORE_RANGE)
+        if positions.shape[0]:
+            if gt_scores is None:
+                raise ValueError("labels contain score tokens but gt_scores is missing")
+            targets = gt_scores.to(predictions.device)[positions[:, 0]]
+            loss_score = (predictions - targets).pow(2).sum() / labels.shape[0]
+        else:
+            if not self.config.score_token_id:
+                logger.warning("config.score_token_id is empty: the score head gets no training signal")
+            loss_score = predictions.sum() * 0.0
+        output.loss_ce, output.loss_score = loss_ce, loss_score
+        output.loss = loss_ce + loss_score
+        output.score_positions, output.score_predictions = positions, predictions
+
+    def predict_scores(self, input_ids: torch.Tensor, images) -> ScorePrediction:
+        """Score images with one prefill and one KV-cached step (facts §4.8, without the second full pass).
+
+        ``input_ids`` [B, L]: the scoring prompt (same length for every row, ending in "▁is"), one -200 each.
+        The argmax token after the prompt is appended; the hidden state at that token feeds the head, and the
+        logits there give the score-token distribution. Keeps the autograd graph (no ``no_grad`` inside).
+        """
+        if not self.config.score_token_id:
+            raise ValueError("the model has no score tokens (config.score_token_id is empty)")
+        prefill = self.forward_mlp(input_ids=input_ids, images=images, use_cache=True, logits_to_keep=1)
+        token_ids = prefill.logits[:, -1].argmax(dim=-1)
+        step = self.forward_mlp(input_ids=token_ids[:, None], past_key_values=prefill.cache, use_cache=False)
+        hidden = step.last_hidden_state[:, -1]
+        logits = step.logits[:, -1].float()
+        score_ids = torch.tensor(self.config.score_token_id, device=logits.device)
+        return ScorePrediction(
+            scores=self.deepmlp(hidden),
+            score_token_logits=logits[:, score_ids],
+            score_token_probs=logits.softmax(dim=-1)[:, score_ids],
+            token_ids=token_ids,
+            hidden=hidden,
+        )
