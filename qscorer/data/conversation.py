@@ -1,0 +1,132 @@
+"""Conversation templates and the original's three prompts (facts §4.3, §4.4, §4.6).
+
+- scoring prompt, ``kind="scorer"`` (scorer.py and ``model.score()``): no system message, image after the question,
+  "\\n" before ASSISTANT;
+- scoring prompt, ``kind="eval"`` (batch evaluation, iqa_eval.py): the mplug_owl2 template, so a space before
+  ASSISTANT;
+- training prompt (the v1 template): system message, image moved before the question, " ASSISTANT: " and "</s>".
+
+:func:`scoring_prompt_ids` gives the ids of the scoring prompts; :func:`qscorer.data.datasets.preprocess` those of
+training records. This module is shipped with the remote-code model: it imports only the standard library,
+``..constants`` / ``..errors`` and ``.tokenization`` (shipped too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..constants import DEFAULT_IMAGE_TOKEN
+from ..errors import QScorerError
+from .tokenization import tokenizer_image_token
+
+SCORING_QUESTION = "How would you rate the quality of this image?"
+"""The question of every inference prompt (training questions may vary per record)."""
+
+ANSWER_PREFIX = "The quality of the image is"
+"""Text the inference prompts end with; the model then emits "▁" and a score token."""
+
+V1_SYSTEM_MESSAGE = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+HUMAN, GPT = "human", "gpt"
+"""The speaker names of a meta record's ``conversations``."""
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """A two-separator chat template: ``system + sep`` (if any), then ``role: message`` + sep / sep2 alternately."""
+
+    name: str
+    system: str
+    roles: tuple[str, str] = ("USER", "ASSISTANT")
+    sep: str = " "
+    sep2: str = "</s>"
+
+    def render(self, messages: Sequence[tuple[str, str | None]]) -> str:
+        """The prompt text of ``(role, message)`` pairs; an empty or None message renders as ``role:``."""
+        text = self.system + self.sep if self.system else ""
+        for position, (role, message) in enumerate(messages):
+            if message:
+                text += f"{role}: {message}" + (self.sep if position % 2 == 0 else self.sep2)
+            else:
+                text += f"{role}:"
+        return text
+
+    @property
+    def answer_separator(self) -> str:
+        """What precedes every answer: " ASSISTANT: "."""
+        return f"{self.sep}{self.roles[1]}: "
+
+
+V1 = ConversationTemplate(name="v1", system=V1_SYSTEM_MESSAGE)
+MPLUG_OWL2 = ConversationTemplate(name="mplug_owl2", system="")
+
+TEMPLATES = {"v1": V1, "vicuna_v1": V1, "mplug_owl2": MPLUG_OWL2}
+"""The original's templates with this separator style ("v0"/"default" use "###" and are not reached by Q-Scorer)."""
+
+SCORING_PROMPT_KINDS = ("scorer", "eval")
+
+
+def get_template(version: str) -> ConversationTemplate:
+    """The template of a ``--version`` value (the original fell back to vicuna_v1 silently; this raises)."""
+    try:
+        return TEMPLATES[version]
+    except KeyError:
+        raise QScorerError(f"unknown conversation version {version!r}; choose one of {sorted(TEMPLATES)}") from None
+
+
+def build_scoring_prompt(kind: str = "scorer") -> str:
+    """The inference prompt: ``kind="scorer"`` (scorer.py, ``score()``) or ``"eval"`` (batch evaluation)."""
+    question = f"{SCORING_QUESTION}\n{DEFAULT_IMAGE_TOKEN}"
+    if kind == "scorer":
+        return f"USER: {question}\nASSISTANT: {ANSWER_PREFIX}"
+    if kind == "eval":
+        return MPLUG_OWL2.render([("USER", question), ("ASSISTANT", None)]) + f" {ANSWER_PREFIX}"
+    raise QScorerError(f"unknown scoring prompt kind {kind!r}; choose one of {list(SCORING_PROMPT_KINDS)}")
+
+
+def scoring_prompt_ids(tokenizer, kind: str = "scorer") -> list[int]:
+    """Ids of a scoring prompt (facts §4.7), with -200 for the image: 28 ids for both kinds on LLaMA-2."""
+    return tokenizer_image_token(build_scoring_prompt(kind), tokenizer)
+
+
+def place_images_first(conversations: Sequence[dict], n_images: int) -> list[dict]:
+    """The training layout of the placeholders (facts §4.4): images first in the human turn, then "\\n" + text.
+
+    The original removes the placeholders of every message that has one and puts one placeholder in front of each
+    such message. Here the first human message with a placeholder gets ``n_images`` adjacent placeholders (one per
+    image or video frame; spliced, that is the same sequence as the original's single placeholder followed by all
+    images) and the other messages lose theirs, so placeholders and images always pair up. Returns new message dicts.
+    """
+    result = []
+    placed = False
+    for message in conversations:
+        value = message["value"]
+        if DEFAULT_IMAGE_TOKEN in value:
+            value = value.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+            if not placed and message["from"] == HUMAN:
+                value = (DEFAULT_IMAGE_TOKEN * n_images + "\n" + value).strip()
+                placed = True
+        result.append({**message, "value": value})
+    return result
+
+
+def build_training_prompt(conversations: Sequence[dict], template: ConversationTemplate = V1) -> str:
+    """The prompt of a record's ``conversations`` (``from`` human/gpt, ``value``) with ``template``.
+
+    A leading message that is not from the human is dropped; the rest must alternate human / gpt.
+    """
+    messages = list(conversations)
+    if messages and messages[0]["from"] != HUMAN:
+        messages = messages[1:]
+    roles = {HUMAN: template.roles[0], GPT: template.roles[1]}
+    rendered = []
+    for position, message in enumerate(messages):
+        expected = HUMAN if position % 2 == 0 else GPT
+        if message["from"] != expected:
+            raise QScorerError(f"conversation message {position} is from {message['from']!r}, expected {expected!r}")
+        rendered.append((roles[expected], message["value"]))
+    return template.render(rendered)

@@ -1,0 +1,237 @@
+"""Image preprocessing: file -> RGB -> square padding -> CLIP pixel values (facts §5).
+
+One path for training, batch inference, the CLI and ``score()``. The pixel values equal those of transformers'
+``CLIPImageProcessor`` (PIL/numpy path) with the original ``preprocessor_config.json``: shortest edge resized to 448
+with PIL bicubic on the uint8 image, centre crop 448 x 448, x / 255, then (x - CLIP mean) / CLIP std, channels first,
+float32. The rescale + normalise step is a per-channel lookup table over the 256 uint8 values, computed with the same
+float64 -> float32 arithmetic as transformers, so the results are bit-identical and fast.
+
+transformers itself is not used here, so the pixels do not depend on its version or backends. (transformers 5 makes a
+torchvision-backed ``CLIPImageProcessor`` the default when torchvision is installed; it resizes with torchvision's
+antialiased bicubic, which is not bit-identical to PIL's, and its RGB conversion composites alpha onto white. Without
+torchvision it falls back to ``CLIPImageProcessorPil``, which the tests compare against bit for bit.)
+
+This module is shipped with the remote-code model: it imports only the standard library, numpy, PIL, torch and
+``..constants`` / ``..errors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..constants import CLIP_MEAN, CLIP_STD, IMAGE_BACKGROUND
+from ..errors import QScorerError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SIZE = 448
+"""Input resolution of the vision encoder: shortest-edge resize and centre-crop size."""
+
+RESCALE_FACTOR = 1 / 255
+ASPECT_RATIO_MODES = ("pad", "square")
+"""``image_aspect_ratio`` values: "pad" pads to a square first (every inference path, train_lora.sh); "square" (the
+original training default) feeds the image as it is, so the centre crop cuts the long side."""
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class UnreadableImageError(QScorerError):
+    """An image or video file that cannot be opened or decoded; the message names the file."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as an 8-bit RGB image.
+
+    Alpha is dropped, not composited: the colour stored under transparent pixels is kept, which is what PIL's
+    ``convert("RGB")`` in the original dataset, ``score()`` and batch evaluation does (and transformers 4.x's
+    ``convert_to_rgb``; transformers 5's composites onto white instead). 16-bit grey images (modes ``I;16*`` and
+    ``I``) are scaled to 8 bits (value / 257, rounded); PIL's own conversion clips them at 255, which turns most of
+    the image white.
+    Palette, CMYK, grey, 1-bit and the other PIL modes use PIL's conversion. An animated image gives its first frame.
+    """
+    if getattr(image, "is_animated", False) and image.tell() != 0:
+        image.seek(0)
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        grey = np.rint(np.clip(values, 0, 65535) / 257).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
+
+
+def expand2square(image: Image.Image, background: tuple[int, int, int] = IMAGE_BACKGROUND) -> Image.Image:
+    """Pad ``image`` to a square with ``background``, the image centred (offset rounded down); squares unchanged.
+
+    A non-RGB image is converted with :func:`to_rgb` first (the original's scorer.py skipped that and failed or
+    differed on grey and palette images).
+    """
+    image = to_rgb(image)
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), tuple(background))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open any image file PIL reads and return it as RGB (:func:`to_rgb`); errors name the file.
+
+    EXIF orientation is not applied (the original did not either). Truncated files are errors.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image).copy()
+    except FileNotFoundError:
+        raise UnreadableImageError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise UnreadableImageError(f"cannot read image {path}: {error}") from error
+
+
+def _normalisation_table() -> np.ndarray:
+    """[3, 256] float32: ((v * 1/255 in float64 -> float32) - mean) / std in float32, as transformers computes it."""
+    scaled = (np.arange(256, dtype=np.float64) * RESCALE_FACTOR).astype(np.float32)
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None]
+    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None]
+    return (scaled[None, :] - mean) / std
+
+
+_TABLE: np.ndarray | None = None
+
+
+def _table() -> np.ndarray:
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _normalisation_table()
+    return _TABLE
+
+
+def resize_shortest_edge(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
+    """Bicubic resize so the shortest edge is ``size``; the long edge becomes ``int(size * long / short)``."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    new_size = (size, new_long) if width <= height else (new_long, size)
+    if new_size == image.size:
+        return image
+    return image.resize(new_size, resample=Image.BICUBIC)
+
+
+def center_crop(pixels: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The central ``size`` x ``size`` window of an [H, W, C] array (offsets rounded down)."""
+    height, width = pixels.shape[:2]
+    top = (height - size) // 2
+    left = (width - size) // 2
+    return pixels[top : top + size, left : left + size]
+
+
+def pixel_values(image: Image.Image, image_aspect_ratio: str = "pad") -> np.ndarray:
+    """[3, 448, 448] float32 CLIP pixel values of one image (any PIL mode)."""
+    if image_aspect_ratio not in ASPECT_RATIO_MODES:
+        raise QScorerError(
+            f"unknown image_aspect_ratio {image_aspect_ratio!r}; choose one of {list(ASPECT_RATIO_MODES)}"
+        )
+    image = expand2square(image) if image_aspect_ratio == "pad" else to_rgb(image)
+    pixels = center_crop(np.asarray(resize_shortest_edge(image)))
+    table = _table()
+    return np.stack([table[channel][pixels[:, :, channel]] for channel in range(3)])
+
+
+def process_images(images: Image.Image | Sequence[Image.Image], image_aspect_ratio: str = "pad") -> torch.Tensor:
+    """Float32 tensor [N, 3, 448, 448] of PIL images: RGB conversion, square padding ("pad"), CLIP preprocessing."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if not images:
+        raise QScorerError("process_images needs at least one image")
+    return torch.from_numpy(np.stack([pixel_values(image, image_aspect_ratio) for image in images]))
+
+
+PROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+PROCESSOR_CONFIG = {
+    "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": list(CLIP_MEAN),
+    "image_processor_type": "CLIPImageProcessor",
+    "image_std": list(CLIP_STD),
+    "resample": Image.BICUBIC,
+    "rescale_factor": RESCALE_FACTOR,
+    "size": {"shortest_edge": IMAGE_SIZE},
+}
+"""The ``preprocessor_config.json`` of what this module computes (the original's values, in transformers' format)."""
+
+
+def _check_processor_config(config: dict, path: Path) -> None:
+    """Refuse a ``preprocessor_config.json`` whose values differ from the preprocessing implemented here."""
+    size, crop = config.get("size", IMAGE_SIZE), config.get("crop_size", IMAGE_SIZE)
+    found = {
+        "size": size if isinstance(size, int) else size.get("shortest_edge"),
+        "crop_size": crop if isinstance(crop, int) else (crop.get("height"), crop.get("width")),
+        "resample": config.get("resample", Image.BICUBIC),
+        "rescale_factor": config.get("rescale_factor", RESCALE_FACTOR),
+        "image_mean": tuple(config.get("image_mean", CLIP_MEAN)),
+        "image_std": tuple(config.get("image_std", CLIP_STD)),
+        **{flag: config.get(flag, True) for flag in
+           ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb")},
+    }
+    expected = {
+        "size": IMAGE_SIZE, "crop_size": (IMAGE_SIZE, IMAGE_SIZE), "resample": Image.BICUBIC,
+        "rescale_factor": RESCALE_FACTOR, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        **{flag: True for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb")},
+    }
+    if isinstance(found["crop_size"], int):
+        found["crop_size"] = (found["crop_size"], found["crop_size"])
+    differences = [f"{key} {found[key]!r} (expected {value!r})" for key, value in expected.items()
+                   if found[key] != value]
+    if differences:
+        raise QScorerError(f"{path} asks for preprocessing qscorer does not implement: {'; '.join(differences)}")
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """The image processor of the original API (``load_pretrained_model`` returns one).
+
+    Calling it on PIL images gives the pixel values of :func:`process_images`; it reads and writes
+    ``preprocessor_config.json`` like transformers' ``CLIPImageProcessor`` does.
+    """
+
+    image_aspect_ratio: str = "pad"
+
+    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+        return process_images(images, self.image_aspect_ratio)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, image_aspect_ratio: str = "pad") -> ImageProcessor:
+        """Check the folder's ``preprocessor_config.json`` (if any) against the implemented preprocessing."""
+        path = Path(folder) / PROCESSOR_CONFIG_FILE
+        if path.is_file():
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as error:
+                raise QScorerError(f"cannot read {path}: {error}") from None
+            _check_processor_config(config, path)
+        else:
+            logger.debug("no %s in %s: using the CLIP 448 preprocessing", PROCESSOR_CONFIG_FILE, folder)
+        return cls(image_aspect_ratio)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> list[str]:
+        """Write ``preprocessor_config.json`` (loadable by transformers' ``CLIPImageProcessor`` too)."""
+        path = Path(folder) / PROCESSOR_CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(PROCESSOR_CONFIG, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return [str(path)]
