@@ -563,3 +563,24 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
             token_ids=token_ids,
             hidden=hidden,
         )
+
+    @torch.inference_mode()
+    def score(self, images, tokenizer=None, image_processor=None, prompt: str = "eval", clamp: bool = True):
+        """Quality scores of PIL images (one image or a list), as a list of floats: the original ``model.score()``.
+
+        The tokenizer comes from the model folder unless given; images are converted to RGB, padded to a square and
+        CLIP-normalised (``image_processor``, if given, replaces that step). ``prompt="eval"`` is the original's
+        batch-evaluation prompt (the published numbers); ``prompt="scorer"`` is the one the original ``score()``
+        used. Scores are clamped to [0, 5] unless ``clamp=False``.
+        """
+        from ..data.conversation import scoring_prompt_ids
+        from ..data.image import process_images
+        from ..data.tokenization import load_tokenizer
+
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if tokenizer is None:
+            tokenizer = load_tokenizer(self.name_or_path)
+        pixels = image_processor(images) if image_processor is not None else process_images(images)
+        prompt_ids = torch.tensor(scoring_prompt_ids(tokenizer, prompt), device=self.device)
+        scores = self.predict_scores(prompt_ids.expand(len(images), -1), pixels.to(self.device)).scores.float()
+        return (scores.clamp(*SCORE_RANGE) if clamp else scores).tolist()

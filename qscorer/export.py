@@ -1,0 +1,172 @@
+"""Merge a LoRA checkpoint into a self-contained model folder (the original's scripts/merge_lora_save.py).
+
+The folder holds safetensors weights, ``config.json`` (with ``score_token_id``, ``score_tokens``,
+``deepmlp_hidden_dims`` and an ``auto_map``), the tokenizer with the score tokens, ``preprocessor_config.json`` and
+the modeling code, so that plain transformers loads it without qscorer installed::
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    model.score([Image.open("photo.jpg")])
+
+The LoRA delta is merged in float32 and the result cast to ``--torch-dtype`` once (the original merged in float16).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import QScorerError
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+REMOTE_CODE_MODULES = {
+    "qscorer.model.configuration": "configuration_mplug_owl2",
+    "qscorer.model.modeling": "modeling_mplug_owl2",
+    "qscorer.model.attention": "attention",
+    "qscorer.model.flash": "flash",
+    "qscorer.model.vision": "vision",
+    "qscorer.model.abstractor": "abstractor",
+    "qscorer.model.llama": "llama",
+    "qscorer.model.head": "head",
+    "qscorer.data.image": "image",
+    "qscorer.data.tokenization": "tokenization",
+    "qscorer.data.conversation": "conversation",
+    "qscorer.constants": "constants",
+    "qscorer.errors": "errors",
+}
+"""Modules the exported model needs, and their file names in the flat remote-code folder."""
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_mplug_owl2.MPLUGOwl2Config",
+    "AutoModelForCausalLM": "modeling_mplug_owl2.MPLUGOwl2LlamaForCausalLM",
+}
+
+_RELATIVE_IMPORT = re.compile(r"^(?P<indent>\s*)from (?P<dots>\.+)(?P<name>[\w.]*) import ", re.MULTILINE)
+
+
+def _source_file(module: str) -> Path:
+    return PACKAGE_ROOT.joinpath(*module.split(".")[1:]).with_suffix(".py")
+
+
+def flat_module_source(module: str) -> str:
+    """The module's source with every relative import pointing at its flat remote-code file name.
+
+    An import of a module outside ``REMOTE_CODE_MODULES`` is an error (the exported folder would not load).
+    """
+    package = module.rsplit(".", 1)[0]
+
+    def rewrite(match: re.Match) -> str:
+        base = package.rsplit(".", len(match["dots"]) - 1)[0] if len(match["dots"]) > 1 else package
+        target = f"{base}.{match['name']}" if match["name"] else base
+        if target not in REMOTE_CODE_MODULES:
+            raise QScorerError(f"{module} imports {target}, which the exported model folder does not include")
+        return f"{match['indent']}from .{REMOTE_CODE_MODULES[target]} import "
+
+    return _RELATIVE_IMPORT.sub(rewrite, _source_file(module).read_text(encoding="utf-8"))
+
+
+def write_remote_code(output_dir: str | Path) -> list[Path]:
+    """Write the modeling code into ``output_dir`` as flat files; returns their paths."""
+    written = []
+    for module, name in REMOTE_CODE_MODULES.items():
+        path = Path(output_dir) / f"{name}.py"
+        path.write_text(flat_module_source(module), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+MODEL_CARD = """---
+library_name: transformers
+tags:
+- image-quality-assessment
+- q-scorer
+---
+# Q-Scorer (merged)
+
+A Q-Scorer image-quality model (mPLUG-Owl2 + score-token regression head) with its LoRA merged, exported by
+qscorer. It loads with plain transformers:
+
+```python
+from PIL import Image
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{folder}", trust_remote_code=True)
+print(model.score([Image.open("photo.jpg")]))  # list of floats, about 1 (bad) .. 5 (excellent)
+```
+"""
+
+
+def export_model(
+    model,
+    tokenizer,
+    image_processor,
+    output_dir: str | Path,
+    *,
+    dtype: torch.dtype,
+    remote_code: bool = True,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Save a loaded (merged) model as a self-contained folder in ``dtype``."""
+    from .data.tokenization import save_tokenizer
+
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    model.to(dtype)
+    config = model.config
+    config.vocab_size = model.get_input_embeddings().num_embeddings
+    config._name_or_path = ""
+    if remote_code:
+        config.auto_map = dict(AUTO_MAP)
+    model.save_pretrained(output, safe_serialization=True, max_shard_size=max_shard_size)
+    save_tokenizer(tokenizer, output)
+    image_processor.save_pretrained(output)
+    if remote_code:
+        write_remote_code(output)
+    if not (output / "README.md").exists():
+        (output / "README.md").write_text(MODEL_CARD.replace("{folder}", str(output)), encoding="utf-8")
+    logger.info("exported %s (%s)", output, str(dtype).removeprefix("torch."))
+    return output
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model-path", required=True, help="LoRA checkpoint folder")
+    parser.add_argument("--model-base", required=True, help="base model folder (mplug-owl2-llama2-7b)")
+    parser.add_argument("--preprocessor-path", default=None, help="tokenizer / image-processor configs")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--torch-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    parser.add_argument("--device", default="cpu", help="where to merge (cpu needs ~4 bytes per parameter of RAM)")
+    parser.add_argument("--no-remote-code", action="store_true", help="do not write the modeling files")
+    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--allow-unexpected-keys", action="store_true")
+
+
+def run(args) -> int:
+    from .loading import DTYPES, load_pretrained_model
+
+    output = Path(args.output_dir)
+    if output.exists() and any(output.iterdir()):
+        raise QScorerError(f"output folder {output} is not empty")
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        args.model_path,
+        args.model_base,
+        args.preprocessor_path,
+        device=args.device,
+        dtype="float32",
+        allow_unexpected_keys=args.allow_unexpected_keys,
+    )
+    export_model(
+        model,
+        tokenizer,
+        image_processor,
+        output,
+        dtype=DTYPES[args.torch_dtype],
+        remote_code=not args.no_remote_code,
+        max_shard_size=args.max_shard_size,
+    )
+    print(output)
+    return 0

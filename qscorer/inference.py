@@ -1,0 +1,261 @@
+"""Batch inference over test metas, the original's iqa_eval.py made robust (facts §8.3).
+
+For each meta file, ``<save-dir>/<meta file name>`` receives one JSON line per record, in meta order:
+``{"id", "image", "gt_score", "logits": {"<score5>": .., .., "<score1>": ..}, "score"}`` (+ ``"probs"`` with
+``--with-prob``). An image that cannot be read gives ``{"id", "image", "gt_score", "error"}`` and the run goes on.
+
+Work in progress lives in part files (``.<name>.part<rank>``), appended and flushed batch by batch; when a meta is
+done, they are merged into the output in meta order and removed. A rerun skips every record already in the output
+or in a part file (a line cut short by a killed process is dropped), so resuming never loses or duplicates a record.
+Under ``torchrun`` each process scores every world_size-th pending record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .errors import QScorerError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TestRecord:
+    """One record of a test meta: its position, id, image path (as written in the meta) and MOS (or None)."""
+
+    index: int
+    id: str
+    image: str
+    gt_score: float | None
+
+
+def load_test_records(meta_path: str | os.PathLike) -> list[TestRecord]:
+    """Records of a test meta (JSON list or JSON lines); each needs "image" (or "img_path"); "id" defaults to it.
+
+    Errors name the file and the record index; ids must be unique.
+    """
+    from .data.datasets import read_meta
+
+    records, seen = [], {}
+    for index, raw in enumerate(read_meta(meta_path)):
+        where = f"{meta_path}, record {index}"
+        if not isinstance(raw, dict):
+            raise QScorerError(f"{where}: expected an object, got {type(raw).__name__}")
+        image = raw.get("image", raw.get("img_path"))
+        if not isinstance(image, str) or not image:
+            raise QScorerError(f"{where}: missing or non-string 'image'")
+        record_id = str(raw.get("id", image))
+        if record_id in seen:
+            raise QScorerError(f"{where}: id {record_id!r} repeats record {seen[record_id]}")
+        seen[record_id] = index
+        gt_score = raw.get("gt_score")
+        if gt_score is not None:
+            try:
+                gt_score = float(gt_score)
+            except (TypeError, ValueError) as error:
+                raise QScorerError(f"{where}: gt_score {gt_score!r} is not a number") from error
+        records.append(TestRecord(index, record_id, image, gt_score))
+    return records
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """Complete JSON lines of a file; a last line cut short (no newline, or not valid JSON) is dropped from the
+    file so that appending continues cleanly."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        logger.warning("%s: dropping an incomplete last line (%d bytes)", path, len(data) - end)
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
+    lines = []
+    for number, line in enumerate(data[:end].splitlines(), start=1):
+        if line.strip():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise QScorerError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
+    return lines
+
+
+class MetaInference:
+    """Scores one meta file's records into ``save_dir`` with a :class:`~qscorer.scoring.Scorer`."""
+
+    def __init__(self, scorer, meta_path, root_dir, save_dir, *, with_prob: bool, rank: int = 0, world_size: int = 1):
+        self.scorer = scorer
+        self.meta_path = Path(meta_path)
+        self.root_dir = Path(root_dir)
+        self.output = Path(save_dir) / self.meta_path.name
+        self.with_prob = with_prob
+        self.rank, self.world_size = rank, world_size
+
+    def part_file(self, rank: int) -> Path:
+        return self.output.with_name(f".{self.output.name}.part{rank}")
+
+    def _part_files(self) -> list[Path]:
+        return sorted(self.output.parent.glob(f".{self.output.name}.part*"))
+
+    def done_records(self, retry_failed: bool = False) -> dict[str, dict]:
+        """Records already written (output, then part files: later lines win), by id; with ``retry_failed``,
+        failures don't count."""
+        done = {}
+        for path in [self.output, *self._part_files()]:
+            for line in read_json_lines(path):
+                if "id" not in line:
+                    raise QScorerError(f"{path}: a line without 'id' ({line}); was it written by another tool?")
+                if retry_failed and "error" in line:
+                    continue
+                done[str(line["id"])] = line
+        return done
+
+    def run(self, retry_failed: bool = False) -> int:
+        """Score this process's share of the pending records; returns how many it scored."""
+        records = load_test_records(self.meta_path)
+        done = self.done_records(retry_failed)
+        pending = [record for record in records if record.id not in done][self.rank :: self.world_size]
+        logger.info("%s: %d records, %d done, %d to score here", self.meta_path, len(records), len(done), len(pending))
+        if not pending:
+            return 0
+        from .scoring import ImageSourceDataset, collate_sources
+
+        loader = DataLoader(
+            ImageSourceDataset([self.root_dir / record.image for record in pending]),
+            batch_size=self.scorer.batch_size,
+            num_workers=self.scorer.num_workers,
+            collate_fn=collate_sources,
+        )
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.part_file(self.rank), "a", encoding="utf-8") as part:
+            progress = tqdm(total=len(pending), desc=self.meta_path.name, unit="img", disable=self.rank != 0)
+            for indices, pixels, errors in loader:
+                prediction = None
+                good = [index for index in indices if index not in errors]
+                if good:
+                    prediction = self.scorer.predict(pixels)
+                for index in indices:
+                    row = good.index(index) if index in good else None
+                    line = self._line(pending[index], prediction, row, errors.get(index))
+                    part.write(json.dumps(line) + "\n")
+                part.flush()
+                os.fsync(part.fileno())
+                progress.update(len(indices))
+            progress.close()
+        return len(pending)
+
+    def _line(self, record: TestRecord, prediction, row: int | None, error: str | None) -> dict:
+        line = {"id": record.id, "image": record.image, "gt_score": record.gt_score}
+        if error is not None:
+            logger.error("%s", error)
+            line["error"] = error
+            return line
+        result = self.scorer._result(record.image, prediction, row)
+        line["logits"] = result.logits
+        line["score"] = result.score
+        if self.with_prob:
+            line["probs"] = result.probs
+        return line
+
+    def finalize(self) -> Path:
+        """Merge the output and the part files into the output, in meta order, and remove the part files.
+
+        A record written more than once (a retried failure) keeps its newest line.
+        """
+        records = load_test_records(self.meta_path)
+        done = self.done_records()
+        missing = [record.id for record in records if record.id not in done]
+        if missing:
+            raise QScorerError(f"{self.output}: {len(missing)} records were not scored, e.g. {missing[:3]}")
+        temporary = self.output.with_name(f".{self.output.name}.tmp")
+        with open(temporary, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(done[record.id]) + "\n")
+        os.replace(temporary, self.output)
+        for path in self._part_files():
+            path.unlink()
+        failed = sum("error" in done[record.id] for record in records)
+        logger.info("wrote %s (%d records, %d failed)", self.output, len(records), failed)
+        return self.output
+
+
+def _truthy(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise QScorerError(f"--with-prob expects true or false, got {value!r}")
+
+
+def add_arguments(parser) -> None:
+    from .scoring import PROMPTS, add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--meta-paths", nargs="+", required=True, help="test metas (JSON list or JSON lines)")
+    parser.add_argument("--root-dir", required=True, help="folder the metas' image paths are relative to")
+    parser.add_argument("--save-dir", default="results", help="output folder (one JSON-lines file per meta)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers that decode images")
+    parser.add_argument(
+        "--with-prob", nargs="?", const="true", default="false", help="also write the five probabilities"
+    )
+    parser.add_argument("--prompt", choices=PROMPTS, default="eval", help="eval (default, the original's) or scorer")
+    parser.add_argument("--no-clamp", action="store_true", help="do not clamp scores to [0, 5] (iqa_eval.py did not)")
+    parser.add_argument("--retry-failed", action="store_true", help="score again the records that failed before")
+
+
+def run(args) -> int:
+    from .scoring import Scorer
+
+    with_prob = _truthy(args.with_prob)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = args.device
+    distributed = world_size > 1
+    if distributed:
+        import torch.distributed as dist
+
+        use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+        if use_cuda:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        scorer = Scorer(
+            args.model_path,
+            args.model_base,
+            args.preprocessor_path,
+            device=device,
+            dtype=args.dtype,
+            prompt=args.prompt,
+            clamp=not args.no_clamp,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            attn_implementation=args.attn_implementation,
+            allow_unexpected_keys=args.allow_unexpected_keys,
+        )
+        failed = 0
+        for meta_path in args.meta_paths:
+            job = MetaInference(
+                scorer, meta_path, args.root_dir, args.save_dir, with_prob=with_prob, rank=rank, world_size=world_size
+            )
+            job.run(args.retry_failed)
+            if distributed:
+                dist.barrier()
+            if rank == 0:
+                output = job.finalize()
+                failed += sum("error" in line for line in read_json_lines(output))
+            if distributed:
+                dist.barrier()
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    if failed:
+        logger.error("%d images could not be read (see the 'error' records)", failed)
+    return 2 if failed else 0
