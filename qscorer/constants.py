@@ -26,3 +26,6 @@ IMAGE_BACKGROUND = (122, 116, 104)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+LEVEL_WORDS = ("bad", "poor", "fair", "good", "excellent")
+"""Quality level words for levels 1..5 (the Q-Align / DeQA answer vocabulary)."""

@@ -14,6 +14,7 @@ Names are imported lazily, so importing one module (the remote-code model import
 """
 
 _LAZY = {
+    "build_demo_tokenizer": "demo_tokenizer",
     "SentencePieceTextEncoder": "tokenization",
     "encode_text": "tokenization",
     "load_tokenizer": "tokenization",

@@ -38,8 +38,9 @@ from scipy import ndimage
 from scipy.stats import norm
 from tqdm import tqdm
 
-from ..constants import DEFAULT_IMAGE_TOKEN, SCORE_TOKENS
+from ..constants import DEFAULT_IMAGE_TOKEN, LEVEL_WORDS, SCORE_TOKENS
 from ..errors import QScorerError
+from .conversation import ANSWER_PREFIX, SCORING_QUESTION
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,7 @@ DISTORTION_PARAMETERS = {
     "brightness": "darkening, pixel values times 1 - 0.7 * s",
 }
 
-LEVEL_WORDS = ("bad", "poor", "fair", "good", "excellent")
-"""DeQA / Q-Align level words for levels 1..5."""
-
-QUESTION = "How would you rate the quality of this image?"
-ANSWER_TEMPLATE = "The quality of the image is {}."
+ANSWER_TEMPLATE = ANSWER_PREFIX + " {}."
 
 MOS_MIN, MOS_MAX = 1.0, 5.0
 LEVEL_VALUES = (5.0, 4.0, 3.0, 2.0, 1.0)
@@ -565,7 +562,7 @@ def _record(file_name, gt, std, probs, distortion, strength, crop: SourceCrop, *
     }
     if with_answer:
         record["conversations"] = [
-            {"from": "human", "value": f"{QUESTION}\n{DEFAULT_IMAGE_TOKEN}"},
+            {"from": "human", "value": f"{SCORING_QUESTION}\n{DEFAULT_IMAGE_TOKEN}"},
             {"from": "gpt", "value": ANSWER_TEMPLATE.format(SCORE_TOKENS[level - 1])},
         ]
     record["task_type"] = "score"

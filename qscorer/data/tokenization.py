@@ -32,7 +32,6 @@ SPIECE_UNDERLINE = "▁"
 SENTENCEPIECE_FILE = "tokenizer.model"
 LLAMA_BASE_VOCAB_SIZE = 32000
 LLAMA_SPECIAL_TOKEN_IDS = {"unk": 0, "bos": 1, "eos": 2}
-FIRST_SCORE_TOKEN_ID = 32000
 
 _ENCODER_ATTRIBUTE = "_qscorer_text_encoder"
 
@@ -247,9 +246,9 @@ def load_tokenizer(path: str | os.PathLike, *, base_model_path: str | os.PathLik
     tokenizer.pad_token = tokenizer.unk_token
     _check_llama_tokenizer(tokenizer, folder)
     encoder = SentencePieceTextEncoder.from_file(sentencepiece_model, str(tokenizer.unk_token))
-    if encoder.vocab_size != LLAMA_BASE_VOCAB_SIZE:
+    if encoder.vocab_size != tokenizer.vocab_size:
         raise QScorerError(
-            f"{sentencepiece_model} has {encoder.vocab_size} pieces, not LLaMA-2's {LLAMA_BASE_VOCAB_SIZE}"
+            f"{sentencepiece_model} has {encoder.vocab_size} pieces but the tokenizer has {tokenizer.vocab_size}"
         )
     setattr(tokenizer, _ENCODER_ATTRIBUTE, encoder)
     logger.debug("loaded tokenizer from %s (sentencepiece model %s)", folder, sentencepiece_model)
@@ -257,18 +256,22 @@ def load_tokenizer(path: str | os.PathLike, *, base_model_path: str | os.PathLik
 
 
 def _check_llama_tokenizer(tokenizer, folder: Path) -> None:
+    """A LLaMA-style sentencepiece tokenizer: ids 0/1/2 = unk/bos/eos and the five score tokens right after the base
+    vocabulary (32000..32004 for LLaMA-2; other sizes are accepted for tiny and demo models)."""
     found = {"unk": tokenizer.unk_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
-    if found != LLAMA_SPECIAL_TOKEN_IDS or tokenizer.vocab_size != LLAMA_BASE_VOCAB_SIZE:
+    if found != LLAMA_SPECIAL_TOKEN_IDS:
         raise QScorerError(
-            f"{folder} is not the LLaMA-2 tokenizer: vocab size {tokenizer.vocab_size}, special ids {found} "
-            f"(expected {LLAMA_BASE_VOCAB_SIZE} and {LLAMA_SPECIAL_TOKEN_IDS})"
+            f"{folder} is not a LLaMA-style tokenizer: special ids {found}, expected {LLAMA_SPECIAL_TOKEN_IDS}"
         )
-    expected = list(range(FIRST_SCORE_TOKEN_ID, FIRST_SCORE_TOKEN_ID + len(SCORE_TOKENS)))
+    base = tokenizer.vocab_size
+    expected = list(range(base, base + len(SCORE_TOKENS)))
     if score_token_ids(tokenizer) != expected or len(tokenizer) != expected[-1] + 1:
         raise QScorerError(
             f"tokenizer in {folder}: score tokens got ids {score_token_ids(tokenizer)} and {len(tokenizer)} tokens "
             f"in all; expected ids {expected} and {expected[-1] + 1} tokens (does the folder add other tokens?)"
         )
+    if base != LLAMA_BASE_VOCAB_SIZE:
+        logger.info("%s: a %d-piece vocabulary, not LLaMA-2's (fine for tiny models)", folder, base)
 
 
 def save_tokenizer(tokenizer, directory: str | os.PathLike) -> list[str]:
