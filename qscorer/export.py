@@ -70,12 +70,25 @@ def flat_module_source(module: str) -> str:
     return _RELATIVE_IMPORT.sub(rewrite, _source_file(module).read_text(encoding="utf-8"))
 
 
+def _with_every_module_imported(source: str) -> str:
+    """transformers 4.x copies only the files that the auto_map module imports directly (for a local folder), so the
+    exported modeling file gets a direct import of every other exported module."""
+    imported = set(re.findall(r"^\s*from \.(\w+) import ", source, flags=re.MULTILINE))
+    missing = [name for name in REMOTE_CODE_MODULES.values() if name not in imported | {"modeling_mplug_owl2"}]
+    lines = [f"from .{name} import __name__ as _{name}_module  # noqa: E402,F401" for name in missing]
+    note = "# Remote code: transformers 4.x copies only the files imported directly by this module.\n"
+    return source + "\n\n" + note + "\n".join(lines) + "\n" if lines else source
+
+
 def write_remote_code(output_dir: str | Path) -> list[Path]:
     """Write the modeling code into ``output_dir`` as flat files; returns their paths."""
     written = []
     for module, name in REMOTE_CODE_MODULES.items():
+        source = flat_module_source(module)
+        if name == "modeling_mplug_owl2":
+            source = _with_every_module_imported(source)
         path = Path(output_dir) / f"{name}.py"
-        path.write_text(flat_module_source(module), encoding="utf-8")
+        path.write_text(source, encoding="utf-8")
         written.append(path)
     return written
 

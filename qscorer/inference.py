@@ -117,12 +117,17 @@ class MetaInference:
                 done[str(line["id"])] = line
         return done
 
-    def run(self, retry_failed: bool = False) -> int:
-        """Score this process's share of the pending records; returns how many it scored."""
+    def pending(self, retry_failed: bool = False) -> list[TestRecord]:
+        """The meta's records that are not written yet (every process must read this before any writes)."""
         records = load_test_records(self.meta_path)
         done = self.done_records(retry_failed)
-        pending = [record for record in records if record.id not in done][self.rank :: self.world_size]
-        logger.info("%s: %d records, %d done, %d to score here", self.meta_path, len(records), len(done), len(pending))
+        pending = [record for record in records if record.id not in done]
+        logger.info("%s: %d records, %d to score", self.meta_path, len(records), len(pending))
+        return pending
+
+    def run(self, pending: list[TestRecord]) -> int:
+        """Score this process's share (every world_size-th) of ``pending``; returns how many it scored."""
+        pending = pending[self.rank :: self.world_size]
         if not pending:
             return 0
         from .scoring import ImageSourceDataset, collate_sources
@@ -245,7 +250,10 @@ def run(args) -> int:
             job = MetaInference(
                 scorer, meta_path, args.root_dir, args.save_dir, with_prob=with_prob, rank=rank, world_size=world_size
             )
-            job.run(args.retry_failed)
+            pending = job.pending(args.retry_failed)
+            if distributed:
+                dist.barrier()
+            job.run(pending)
             if distributed:
                 dist.barrier()
             if rank == 0:

@@ -249,6 +249,8 @@ def load_pretrained_model(
 
     model_path = Path(model_path)
     kind = checkpoint_kind(model_path)
+    if kind == "lora" and model_base is None:
+        raise QScorerError(f"{model_path} is a LoRA checkpoint: pass the base model folder as model_base")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     attention = resolve_attn_implementation(attn_implementation, torch_device)
@@ -257,8 +259,6 @@ def load_pretrained_model(
     report = LoadReport(kind=kind)
 
     if kind == "lora":
-        if model_base is None:
-            raise QScorerError(f"{model_path} is a LoRA checkpoint: pass the base model folder as model_base")
         checkpoint_kind(model_base)
         config = MPLUGOwl2Config.from_pretrained(model_path)
         config.vocab_size = MPLUGOwl2Config.from_pretrained(model_base).vocab_size

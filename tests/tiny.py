@@ -40,3 +40,23 @@ def tiny_model(seed: int = 0, **overrides) -> MPLUGOwl2LlamaForCausalLM:
     """A randomly initialised tiny model in eval mode (deterministic for a seed)."""
     torch.manual_seed(seed)
     return MPLUGOwl2LlamaForCausalLM(tiny_config(**overrides)).eval()
+
+
+def save_tiny_checkpoint(folder, seed: int = 0, **overrides):
+    """A merged-format tiny checkpoint (weights, config, demo tokenizer, image-processor config) in ``folder``."""
+    from pathlib import Path
+
+    from qscorer.data import build_demo_tokenizer, load_tokenizer, save_tokenizer
+    from qscorer.data.demo_tokenizer import DEMO_VOCAB_SIZE
+    from qscorer.data.image import ImageProcessor
+
+    folder = Path(folder)
+    tokenizer = load_tokenizer(build_demo_tokenizer(folder / "_tokenizer"))
+    ids = list(range(DEMO_VOCAB_SIZE, DEMO_VOCAB_SIZE + 5))
+    settings = dict(vocab_size=DEMO_VOCAB_SIZE + 5, score_token_id=list(reversed(ids)))
+    settings.update(overrides)
+    model = tiny_model(seed, **settings)
+    model.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
+    ImageProcessor().save_pretrained(folder)
+    return folder

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .abstractor import MplugOwlVisualAbstractorModel, MplugOwlVisualAbstractorMultiHeadAttention
 from .configuration import MPLUGOwl2Config
 from .head import DeepMLP
@@ -32,8 +33,6 @@ from .vision import MplugOwlVisionEmbeddings, MplugOwlVisionModel
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-IMAGE_TOKEN_INDEX = -200
 SCORE_RANGE = (0.0, 5.0)
 """Training clamps the head's prediction to this range before the squared error (facts §3.4)."""
 

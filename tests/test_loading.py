@@ -1,0 +1,184 @@
+"""Checkpoint loading: kind detection from files, LoRA + non-LoRA weights, merge, errors, options."""
+
+import argparse
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny import save_tiny_checkpoint, tiny_model
+
+from qscorer.errors import QScorerError
+from qscorer.loading import (
+    checkpoint_kind,
+    load_pretrained_model,
+    merge_lora,
+    read_state_dict,
+    resolve_attn_implementation,
+    resolve_device,
+    resolve_dtype,
+    strip_peft_prefix,
+)
+from qscorer.scoring import Scorer
+
+IMAGES = ["boat.jpg", "landscape_640x360.jpg", "portrait_300x500.png"]
+
+
+def _scorer_golden(golden_dir, name="scorer_lora.json"):
+    return json.loads((golden_dir / name).read_text())["batch1"]
+
+
+def _assert_scores_match(scorer, images_dir, golden):
+    for result, image in zip(scorer.score([images_dir / name for name in IMAGES]), IMAGES, strict=True):
+        expected = golden[image]
+        assert result.score == pytest.approx(expected["score"], abs=1e-5)
+        assert result.token_id == expected["step0_argmax"]
+        for token, logit in expected["step1_score_token_logits"].items():
+            assert result.logits[token] == pytest.approx(logit, abs=1e-5)
+
+
+def _copy_lora(parity_dir, target):
+    shutil.copytree(parity_dir / "qscorer_lora", target)
+    return target
+
+
+def test_checkpoint_kind_comes_from_files_not_names(parity_dir, tmp_path):
+    assert checkpoint_kind(_copy_lora(parity_dir, tmp_path / "my_finetune")) == "lora"
+    assert checkpoint_kind(parity_dir / "qscorer_merged") == "full"
+    assert checkpoint_kind(parity_dir / "base") == "full"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QScorerError, match="neither a LoRA checkpoint"):
+        checkpoint_kind(tmp_path / "empty")
+    with pytest.raises(QScorerError, match="does not exist"):
+        checkpoint_kind(tmp_path / "nowhere")
+    (tmp_path / "my_finetune" / "non_lora_trainables.bin").unlink()
+    with pytest.raises(QScorerError, match="non_lora_trainables"):
+        checkpoint_kind(tmp_path / "my_finetune")
+
+
+def test_lora_on_base_reproduces_the_original_scorer(parity_dir, golden_dir, parity_images_dir, tmp_path):
+    lora = _copy_lora(parity_dir, tmp_path / "renamed_checkpoint")
+    for batch_size in (1, 3):
+        scorer = Scorer(
+            lora,
+            parity_dir / "base",
+            device="cpu",
+            dtype="float32",
+            prompt="scorer",
+            clamp=False,
+            batch_size=batch_size,
+        )
+        _assert_scores_match(scorer, parity_images_dir, _scorer_golden(golden_dir))
+    report = scorer.model.load_report
+    assert report.kind == "lora" and report.unexpected_keys == []
+    assert sorted(report.lora_modules) == sorted(
+        json.loads((lora / "adapter_config.json").read_text())["target_modules"]
+    )
+
+
+def test_merged_checkpoint_reproduces_the_original_score_method(parity_dir, golden_dir, parity_images_dir):
+    for batch_size in (1, 3):
+        scorer = Scorer(
+            parity_dir / "qscorer_merged", device="cpu", dtype="float32", prompt="scorer", batch_size=batch_size
+        )
+        _assert_scores_match(scorer, parity_images_dir, _scorer_golden(golden_dir, "score_merged_lora.json"))
+    assert scorer.model.load_report.kind == "full" and scorer.model.load_report.unexpected_keys == []
+
+
+def test_small_non_lora_file_and_safetensors_give_the_same_scores(parity_dir, golden_dir, parity_images_dir, tmp_path):
+    lora = _copy_lora(parity_dir, tmp_path / "small")
+    full_dump = torch.load(lora / "non_lora_trainables.bin", weights_only=True)
+    kept = ("lm_head", "embed_tokens", "deepmlp", "vision_model", "visual_abstractor")
+    small = {key: value for key, value in full_dump.items() if any(part in key for part in kept)}
+    assert len(small) < len(full_dump)
+    (lora / "non_lora_trainables.bin").unlink()
+    save_file(small, lora / "non_lora_trainables.safetensors")
+    adapter = torch.load(lora / "adapter_model.bin", weights_only=True)
+    (lora / "adapter_model.bin").unlink()
+    save_file(adapter, lora / "adapter_model.safetensors")
+    scorer = Scorer(lora, parity_dir / "base", device="cpu", dtype="float32", prompt="scorer", clamp=False)
+    _assert_scores_match(scorer, parity_images_dir, _scorer_golden(golden_dir))
+
+
+def test_unexpected_non_lora_keys_are_refused_unless_allowed(parity_dir, tmp_path):
+    lora = _copy_lora(parity_dir, tmp_path / "extra")
+    weights = torch.load(lora / "non_lora_trainables.bin", weights_only=True)
+    weights["base_model.model.model.some_new_head.weight"] = torch.zeros(3)
+    torch.save(weights, lora / "non_lora_trainables.bin")
+    with pytest.raises(QScorerError, match="some_new_head"):
+        load_pretrained_model(lora, parity_dir / "base", device="cpu", dtype="float32")
+    _, model, _, _ = load_pretrained_model(
+        lora, parity_dir / "base", device="cpu", dtype="float32", allow_unexpected_keys=True
+    )
+    assert model.load_report.unexpected_keys == ["model.some_new_head.weight"]
+
+
+def test_lora_without_base_and_base_without_head_are_explained(parity_dir, tmp_path):
+    with pytest.raises(QScorerError, match="pass the base model folder"):
+        load_pretrained_model(parity_dir / "qscorer_lora", device="cpu")
+    with pytest.raises(QScorerError, match="no Q-Scorer head"):
+        load_pretrained_model(parity_dir / "base", device="cpu")
+
+
+def test_pickles_are_read_weights_only(tmp_path):
+    torch.save({"weight": torch.ones(2), "note": argparse.Namespace(code="runs on load")}, tmp_path / "bad.bin")
+    with pytest.raises(QScorerError, match="weights-only"):
+        read_state_dict(tmp_path / "bad.bin")
+
+
+def test_peft_prefixes_are_stripped():
+    renamed = strip_peft_prefix(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight": 1,
+            "base_model.model.deepmlp.output_layer.bias": 2,
+            "lm_head.weight": 3,
+        }
+    )
+    assert renamed == {"model.layers.0.self_attn.q_proj.weight": 1, "deepmlp.output_layer.bias": 2, "lm_head.weight": 3}
+
+
+def test_merge_lora_adds_scaled_product_in_float32(tmp_path):
+    model = tiny_model(seed=11)
+    target = "model.layers.1.self_attn.v_proj.multiway.1"
+    before = model.get_submodule(target).weight.detach().clone()
+    torch.manual_seed(0)
+    lora_a, lora_b = torch.randn(4, 64), torch.randn(64, 4)
+    torch.save(
+        {f"base_model.model.{target}.lora_A.weight": lora_a, f"base_model.model.{target}.lora_B.weight": lora_b},
+        tmp_path / "adapter_model.bin",
+    )
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [target], "fan_in_fan_out": False}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    assert merge_lora(model, tmp_path) == [target]
+    torch.testing.assert_close(model.get_submodule(target).weight, before + 2.0 * lora_b @ lora_a)
+    config["use_dora"] = True
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(QScorerError, match="plain LoRA"):
+        merge_lora(model, tmp_path)
+
+
+def test_device_dtype_and_attention_options(caplog):
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(QScorerError, match="unknown dtype"):
+        resolve_dtype("float8", torch.device("cpu"))
+    with pytest.raises(QScorerError, match="unknown device"):
+        resolve_device("tpu:0")
+    assert resolve_attn_implementation(None, torch.device("cpu")) == "sdpa"
+    assert resolve_attn_implementation("eager", torch.device("cpu")) == "eager"
+    assert resolve_attn_implementation("flash_attention_2", torch.device("cpu")) == "sdpa"
+    assert "flash_attention_2 needs flash-attn" in caplog.text
+
+
+def test_tiny_checkpoint_loads_in_bfloat16_with_eager_attention(tmp_path):
+    folder = save_tiny_checkpoint(tmp_path / "tiny")
+    tokenizer, model, image_processor, context_len = load_pretrained_model(
+        folder, device="cpu", dtype="bfloat16", attn_implementation="eager"
+    )
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+    assert context_len == 2048 and len(tokenizer) == model.config.vocab_size
+    assert image_processor([__import__("PIL.Image").Image.new("RGB", (30, 20))]).shape == (1, 3, 448, 448)
+    assert not model.training
