@@ -220,6 +220,20 @@ class Scorer:
         )
 
 
+def score_with_two_full_passes(model, input_ids: torch.Tensor, pixel_values: torch.Tensor):
+    """The original procedure (facts §4.8), kept as the reference for checks and benchmarks: a full forward picks
+    the argmax token after the prompt; a second full forward (vision encoder and abstractor again) of the prompt
+    plus that token gives the head's input. Returns (appended token ids, scores, score-token logits, hidden)."""
+    with torch.no_grad():
+        first = model(input_ids=input_ids, images=pixel_values, use_cache=False)
+        appended = first.logits[:, -1].argmax(-1)
+        extended = torch.cat([input_ids, appended[:, None]], dim=1)
+        second = model(input_ids=extended, images=pixel_values, use_cache=False)
+        hidden = second.last_hidden_state[:, -1]
+        score_ids = torch.tensor(model.config.score_token_id, device=hidden.device)
+        return appended, model.deepmlp(hidden), second.logits[:, -1][:, score_ids], hidden
+
+
 def _as_list(images) -> list:
     if isinstance(images, torch.Tensor):
         return list(images) if images.dim() == 4 else [images]

@@ -13,21 +13,10 @@ from tiny import save_tiny_checkpoint, tiny_model
 from qscorer.cli import main
 from qscorer.constants import LONE_SPACE_TOKEN_ID, SCORE_TOKENS_REPORT_ORDER
 from qscorer.data import process_images
-from qscorer.scoring import Scorer
+from qscorer.scoring import Scorer, score_with_two_full_passes
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = ["boat.jpg", "landscape_640x360.jpg", "portrait_300x500.png"]
-
-
-def two_full_passes(model, input_ids, pixels):
-    """The original procedure (facts §4.8): argmax after the prompt, append it, run everything again."""
-    with torch.no_grad():
-        first = model(input_ids=input_ids, images=pixels)
-        appended = first.logits[:, -1].argmax(-1)
-        second = model(input_ids=torch.cat([input_ids, appended[:, None]], dim=1), images=pixels)
-    hidden = second.last_hidden_state[:, -1]
-    score_ids = torch.tensor(model.config.score_token_id)
-    return appended, model.deepmlp(hidden), second.logits[:, -1][:, score_ids], hidden
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -40,7 +29,7 @@ def test_one_prefill_plus_cached_step_equals_two_full_passes(implementation):
     input_ids = torch.tensor([prompt] * 4)
     with torch.no_grad():
         prediction = model.predict_scores(input_ids, pixels)
-    appended, scores, score_logits, hidden = two_full_passes(model, input_ids, pixels)
+    appended, scores, score_logits, hidden = score_with_two_full_passes(model, input_ids, pixels)
     assert prediction.token_ids.tolist() == appended.tolist()
     assert any(token != LONE_SPACE_TOKEN_ID for token in appended.tolist())
     assert (prediction.scores - scores).abs().max().item() <= 1e-5

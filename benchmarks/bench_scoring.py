@@ -1,0 +1,182 @@
+"""Scoring speed, printed as JSON.
+
+1. ``prefill``: qscorer's scoring (one prefill + one KV-cached step) against the original procedure (two full
+   forward passes), on the same random-weight model and images, side by side in one run. Goal: time ratio <= 0.55.
+2. ``workers``: images/s of batch inference (``qscorer infer`` internals) with 0 vs 2 DataLoader workers decoding
+   the images. Goal: >= 1.7x.
+
+CPU (this machine):   python benchmarks/bench_scoring.py
+GPU (real 7B shapes, random weights, bf16, batches 1/8/32):
+                      python benchmarks/bench_scoring.py --configs 7b --device cuda --dtype bfloat16 \\
+                          --batch-sizes 1 8 32 --skip-workers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from qscorer.model import MPLUGOwl2Config, MPLUGOwl2LlamaForCausalLM
+from qscorer.scoring import score_with_two_full_passes
+
+SCORE_IDS = [32004, 32003, 32002, 32001, 32000]
+PROMPT = [1, 3148, 1001, 29901, 1128, 723, 366, 6554, 278, 11029, 310, 445, 1967, 29973, 13, -200, 29871]
+PROMPT += [319, 1799, 9047, 13566, 29901, 450, 11029, 310, 278, 1967, 338]
+
+
+def _visual(vision: tuple[int, int, int, int], abstractor: tuple[int, int, int, int]) -> dict:
+    names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    return {
+        "visual_model": dict(zip(names, vision)),
+        "visual_abstractor": {**dict(zip(names, abstractor)), "encoder_hidden_size": vision[0]},
+    }
+
+
+CONFIGS = {
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        visual_config=_visual((32, 64, 2, 2), (32, 88, 2, 2)),
+        deepmlp_hidden_dims=[64, 32],
+    ),
+    "mid": dict(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        visual_config=_visual((256, 1024, 4, 4), (256, 704, 2, 4)),
+        deepmlp_hidden_dims=[512, 256],
+    ),
+    "7b": {},
+}
+
+
+def build_model(name: str, device: str, dtype: torch.dtype) -> MPLUGOwl2LlamaForCausalLM:
+    """Random weights (N(0, 0.02)) in the requested shapes; the 7B model is built on the meta device first."""
+    config = MPLUGOwl2Config(vocab_size=32005, score_token_id=SCORE_IDS, **CONFIGS[name])
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = MPLUGOwl2LlamaForCausalLM(config)
+    model = model.to_empty(device=device)
+    for submodule in model.modules():
+        model._init_weights(submodule)
+    return model.to(dtype).eval()
+
+
+def _timed(function, repeats: int, device: str) -> float:
+    timings = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        function()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def bench_prefill(name: str, device: str, dtype: torch.dtype, batch_sizes: list[int], repeats: int) -> list[dict]:
+    model = build_model(name, device, dtype)
+    rows = []
+    for batch in batch_sizes:
+        pixels = torch.randn(batch, 3, 448, 448, device=device, dtype=dtype)
+        input_ids = torch.tensor([PROMPT] * batch, device=device)
+        with torch.inference_mode():
+            ours = model.predict_scores(input_ids, pixels)
+            _, reference, _, _ = score_with_two_full_passes(model, input_ids, pixels)
+            ours_time = _timed(lambda: model.predict_scores(input_ids, pixels), repeats, device)
+            reference_time = _timed(lambda: score_with_two_full_passes(model, input_ids, pixels), repeats, device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            with torch.inference_mode():
+                model.predict_scores(input_ids, pixels)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            peak = None
+        rows.append(
+            {
+                "config": name,
+                "batch": batch,
+                "one_prefill_s": round(ours_time, 4),
+                "two_full_passes_s": round(reference_time, 4),
+                "ratio": round(ours_time / reference_time, 3),
+                "images_per_s": round(batch / ours_time, 2),
+                "max_score_difference": float((ours.scores.float() - reference.float()).abs().max()),
+                "peak_gib": None if peak is None else round(peak, 2),
+            }
+        )
+    return rows
+
+
+def bench_workers(num_images: int, batch_size: int) -> dict:
+    """Batch inference of the tiny model over JPEG files, decoding in the main process vs in 2 workers."""
+    from qscorer.inference import MetaInference
+    from qscorer.scoring import Scorer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import save_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        generator = torch.Generator().manual_seed(0)
+        records = []
+        (root / "images").mkdir()
+        for index in range(num_images):
+            pixels = (torch.rand(768, 1024, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / "images" / f"{index}.jpg", quality=90)
+            records.append({"id": str(index), "image": f"images/{index}.jpg"})
+        (root / "meta.json").write_text(json.dumps(records))
+        model_folder = save_tiny_checkpoint(root / "model")
+        result = {"images": num_images, "batch": batch_size, "image_size": [1024, 768]}
+        for workers in (0, 2):
+            scorer = Scorer(model_folder, device="cpu", dtype="float32", batch_size=batch_size, num_workers=workers)
+            job = MetaInference(scorer, root / "meta.json", root, root / f"out{workers}", with_prob=False)
+            start = time.perf_counter()
+            job.run(job.pending())
+            result[f"images_per_s_workers_{workers}"] = round(num_images / (time.perf_counter() - start), 2)
+        result["speedup"] = round(result["images_per_s_workers_2"] / result["images_per_s_workers_0"], 2)
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=sorted(CONFIGS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-workers", action="store_true")
+    parser.add_argument("--worker-images", type=int, default=48)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    report = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "prefill": [
+            row
+            for name in args.configs
+            for row in bench_prefill(name, args.device, dtype, args.batch_sizes, args.repeats)
+        ],
+        "goal_ratio": 0.55,
+    }
+    if not args.skip_workers:
+        report["workers"] = bench_workers(args.worker_images, batch_size=8)
+        report["goal_speedup"] = 1.7
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
