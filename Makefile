@@ -11,12 +11,12 @@ PYTEST_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/$(PIP_INSTALL) -e ".[test,train]"
+	$(VENV)/$(PIP_INSTALL) -e ".[test,train,video]"
 	touch $@
 
 $(VENV_T457)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV_T457)
-	$(VENV_T457)/$(PIP_INSTALL) -e ".[test,train]" "transformers==4.57.6"
+	$(VENV_T457)/$(PIP_INSTALL) -e ".[test,train,video]" "transformers==4.57.6"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -25,10 +25,10 @@ demo: $(VENV)/.installed
 test: test-t5 test-t457
 
 test-t5: $(VENV)/.installed
-	cd tests && ../$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) ..
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 test-t457: $(VENV_T457)/.installed
-	cd tests && ../$(VENV_T457)/bin/python -m pytest -q $(PYTEST_ARGS) ..
+	$(VENV_T457)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_T457) demo_out
