@@ -23,14 +23,16 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 from scipy.stats import kendalltau, pearsonr, spearmanr
 
+from .data.records import read_json_records
 from .errors import QScorerError
 
 logger = logging.getLogger(__name__)
@@ -58,29 +60,7 @@ _MAX_REASON_CHARS = 80
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSON list or JSON-lines file; the content decides which, not the suffix."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError as error:
-        raise QScorerError(f"{path}: no such file") from error
-    except (OSError, UnicodeDecodeError) as error:
-        raise QScorerError(f"{path}: cannot read: {error}") from error
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise QScorerError(f"{path}: not valid JSON: {error}") from error
-    else:
-        records = []
-        for line_number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise QScorerError(
-                    f"{path}, line {line_number}: not valid JSON ({error.msg}); "
-                    "expected a JSON list or one JSON object per line"
-                ) from error
+    records = read_json_records(path)
     if not records:
         raise QScorerError(f"{path}: no records")
     for index, record in enumerate(records, 1):
@@ -374,7 +354,11 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     """A Markdown table, dataset × (SRCC, PLCC, KRCC, RMSE, n), 4 decimals; "*" marks a failed logistic fit."""
     header = ["dataset", *METRICS, "n"]
     rows = [
-        [name + ("" if metrics["fit_converged"] else "*"), *(f"{metrics[key]:.4f}" for key in METRICS), str(metrics["n"])]
+        [
+            name + ("" if metrics["fit_converged"] else "*"),
+            *(f"{metrics[key]:.4f}" for key in METRICS),
+            str(metrics["n"]),
+        ]
         for name, metrics in results.items()
     ]
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]

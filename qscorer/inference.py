@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .data.records import read_json_records
 from .errors import QScorerError
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,8 @@ def load_test_records(meta_path: str | os.PathLike) -> list[TestRecord]:
 
     Errors name the file and the record index; ids must be unique.
     """
-    from .data.datasets import read_meta
-
     records, seen = [], {}
-    for index, raw in enumerate(read_meta(meta_path)):
+    for index, raw in enumerate(read_json_records(meta_path)):
         where = f"{meta_path}, record {index}"
         if not isinstance(raw, dict):
             raise QScorerError(f"{where}: expected an object, got {type(raw).__name__}")
@@ -232,19 +231,7 @@ def run(args) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
-        scorer = Scorer(
-            args.model_path,
-            args.model_base,
-            args.preprocessor_path,
-            device=device,
-            dtype=args.dtype,
-            prompt=args.prompt,
-            clamp=not args.no_clamp,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            attn_implementation=args.attn_implementation,
-            allow_unexpected_keys=args.allow_unexpected_keys,
-        )
+        scorer = Scorer.from_cli_arguments(args, device=device)
         failed = 0
         for meta_path in args.meta_paths:
             job = MetaInference(

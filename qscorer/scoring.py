@@ -127,6 +127,23 @@ class Scorer:
         self._setup(model, tokenizer, prompt, clamp, batch_size, num_workers)
 
     @classmethod
+    def from_cli_arguments(cls, args, **overrides) -> Scorer:
+        """A scorer from parsed command-line options (``add_model_arguments`` plus prompt, clamp, batch size and
+        workers); ``overrides`` replace any of the keyword options."""
+        options = dict(
+            device=args.device,
+            dtype=args.dtype,
+            prompt=args.prompt,
+            clamp=not args.no_clamp,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            attn_implementation=args.attn_implementation,
+            allow_unexpected_keys=args.allow_unexpected_keys,
+        )
+        options.update(overrides)
+        return cls(args.model_path, args.model_base, args.preprocessor_path, **options)
+
+    @classmethod
     def from_model(
         cls, model, tokenizer, *, prompt: str = "eval", clamp: bool = True, batch_size: int = 8, num_workers: int = 0
     ) -> Scorer:
@@ -297,19 +314,7 @@ def run(args) -> int:
     paths = expand_image_arguments([*args.images, *args.img_path])
     if not paths:
         raise QScorerError("no images given: pass files, folders or globs")
-    scorer = Scorer(
-        args.model_path,
-        args.model_base,
-        args.preprocessor_path,
-        device=args.device,
-        dtype=args.dtype,
-        prompt=args.prompt,
-        clamp=not args.no_clamp,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        attn_implementation=args.attn_implementation,
-        allow_unexpected_keys=args.allow_unexpected_keys,
-    )
+    scorer = Scorer.from_cli_arguments(args)
     results = scorer.score(paths, progress=len(paths) > args.batch_size)
     write_results(results, args.format, sys.stdout)
     failed = [result for result in results if result.error]

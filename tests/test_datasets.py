@@ -136,7 +136,7 @@ def test_invalid_records_are_named(tmp_path, record, message):
 
 
 def test_unreadable_meta_files(tmp_path):
-    with pytest.raises(QScorerError, match="cannot read meta file .*none.json"):
+    with pytest.raises(QScorerError, match="cannot read .*none.json: no such file"):
         load_meta(tmp_path / "none.json")
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(QScorerError, match="broken.json is not valid JSON"):

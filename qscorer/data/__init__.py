@@ -44,6 +44,7 @@ _LAZY = {
     "SingleCollator": "datasets",
     "SingleDataset": "datasets",
     "load_meta": "datasets",
+    "read_json_records": "records",
     "load_metas": "datasets",
     "load_video_frames": "datasets",
     "mask_targets": "datasets",

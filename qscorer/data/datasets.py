@@ -7,14 +7,12 @@ Every record is validated when the meta is loaded; errors name the file and the 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -32,6 +30,7 @@ from .conversation import (
     place_images_first,
 )
 from .image import UnreadableImageError, load_image, process_images, to_rgb
+from .records import read_json_records
 from .tokenization import encode_text, score_token_ids, tokenizer_image_token
 
 logger = logging.getLogger(__name__)
@@ -162,34 +161,6 @@ class MetaRecord:
         return sum(len(message["value"].split()) for message in self.conversations)
 
 
-def read_meta(path: str | os.PathLike) -> list:
-    """The raw records of a meta file: a JSON list, or JSON lines (one object per non-empty line)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as error:
-        raise QScorerError(f"cannot read meta file {path}: {error.strerror or error}") from None
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise QScorerError(f"meta file {path} is not valid JSON: {error}") from None
-        if not isinstance(records, list):
-            raise QScorerError(f"meta file {path} must hold a JSON list of records")
-        return records
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise QScorerError(
-                    f"meta file {path} line {number}: not valid JSON ({error}); a meta is a JSON list or one JSON "
-                    "object per line"
-                ) from None
-    return records
-
-
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -247,7 +218,7 @@ def _parse_conversations(conversations, source: str) -> tuple[Mapping, ...]:
 
 def load_meta(path: str | os.PathLike) -> list[MetaRecord]:
     """All records of one meta file, validated."""
-    return [parse_record(raw, path, index) for index, raw in enumerate(read_meta(path))]
+    return [parse_record(raw, path, index) for index, raw in enumerate(read_json_records(path))]
 
 
 def load_metas(data_paths: Sequence[str | os.PathLike],
