@@ -266,7 +266,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     for checkpointing in (False, True):
         model = tiny_model(seed=4).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+            enable({"use_reentrant": reentrant})
             model.enable_input_require_grads()
             assert model.model.gradient_checkpointing and model.model.vision_model.encoder.gradient_checkpointing
         model(**batch).loss.backward()
