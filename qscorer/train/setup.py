@@ -1,0 +1,201 @@
+"""Build the model to train (facts §6.3-§6.5): base weights, score tokens, LoRA, trainable set, training config.
+
+Order, as in the original ``train_mem.train``: load the base model in the compute dtype; add the five score tokens
+(embeddings grown, new ``lm_head`` rows = mean of the old ones); ``use_cache`` off; input embeddings made to
+require grad for gradient checkpointing; LoRA on the query projections and the image-branch value projections of
+the LLM; then the trainable set (LoRA, ``lm_head``, ``deepmlp``, the abstractor with ``--tune_visual_abstractor``,
+the vision encoder unless ``--freeze_vision_model``) and the training fields written into the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..constants import SCORE_TOKENS
+from ..errors import QScorerError
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGET_PATTERNS = ("q_proj", "v_proj.multiway.1")
+"""Module-name substrings the original adapts (its ``find_all_linear_names``): the shared query projection and the
+image branch of the value projection, in the LLM only."""
+
+PAIR_CONFIG_FIELDS = (
+    "weight_in_level",
+    "continuous_rating_loss",
+    "binary_rating_loss",
+    "closeset_rating_loss",
+    "use_fix_std",
+    "detach_pred_std",
+    "weight_rank",
+    "rank_score_source",
+)
+"""Training fields the original writes into config.json for pair training only (``weight_rank`` and
+``rank_score_source`` are qscorer's)."""
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def compute_dtype(training_args) -> torch.dtype:
+    """float16 with ``--fp16``, bfloat16 with ``--bf16``, else float32 (facts §6.3 step 1)."""
+    if training_args.fp16:
+        return torch.float16
+    if training_args.bf16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Full names of the linear layers LoRA adapts (facts §6.4): every name containing ``q_proj`` or
+    ``v_proj.multiway.1`` outside the visual abstractor (the vision encoder has none), in module order.
+
+    For the 7B model: ``model.layers.{i}.self_attn.q_proj`` and ``model.layers.{i}.self_attn.v_proj.multiway.1``,
+    i = 0..31 (64 names).
+    """
+    names = []
+    for name, module in model.named_modules():
+        if "visual_abstractor" in name or "lm_head" in name or not isinstance(module, nn.Linear):
+            continue
+        if any(pattern in name for pattern in LORA_TARGET_PATTERNS):
+            names.append(name)
+    return names
+
+
+def load_training_tokenizer(model_args, training_args):
+    """The base model's tokenizer with the score tokens, ``model_max_length`` from the flags, pad = unk."""
+    from ..data.tokenization import load_tokenizer
+
+    return load_tokenizer(model_args.model_name_or_path, model_max_length=training_args.model_max_length)
+
+
+def build_model(model_args, data_args, training_args, tokenizer):
+    """The model ready for the Trainer: a ``PeftModel`` with ``--lora_enable``, else the plain model."""
+    from ..data.tokenization import score_token_ids
+    from ..loading import resolve_attn_implementation
+    from ..model import MPLUGOwl2LlamaForCausalLM
+
+    dtype = compute_dtype(training_args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    attention = resolve_attn_implementation(model_args.attn_implementation, device)
+    model = MPLUGOwl2LlamaForCausalLM.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype, attn_implementation=attention, cache_dir=training_args.cache_dir
+    )
+    model.add_score_tokens(score_token_ids(tokenizer), SCORE_TOKENS)
+    if len(tokenizer) != model.config.vocab_size:
+        raise QScorerError(
+            f"the tokenizer of {model_args.model_name_or_path} has {len(tokenizer)} tokens with the score tokens but "
+            f"the model's vocabulary has {model.config.vocab_size} rows"
+        )
+    model.config.use_cache = False
+    if model_args.freeze_backbone:
+        model.model.requires_grad_(False)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if training_args.lora_enable:
+        model = add_lora(model, training_args)
+    set_trainable(model, training_args)
+    record_training_config(_unwrapped(model).config, data_args, training_args)
+    if dtype != torch.float32 and not training_args.deepspeed:
+        # Without DeepSpeed (which keeps fp32 master weights) the optimizer would update bf16/fp16 weights directly
+        # and lose small steps: trainable parameters stay float32, frozen ones use the compute dtype (autocast).
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    logger.info("model built: %d of %d parameters trainable (%s, %s attention)", trainable, total, dtype, attention)
+    return model
+
+
+def add_lora(model, training_args):
+    """Wrap the model with LoRA adapters on :func:`lora_target_modules` (facts §6.3 step 6); with
+    ``--lora_weight_path``, start from that checkpoint's adapter and non-LoRA weights.
+
+    The wrapper is a plain ``PeftModel`` (no task type): peft's causal-LM wrapper needs generation hooks this model
+    does not have, and the plain one passes the batch keys (``images``, ``input_type``, ...) through untouched. The
+    saved adapter config still says ``task_type: CAUSAL_LM``, like the original's.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from .saving import load_lora_checkpoint
+
+    config = LoraConfig(
+        r=training_args.lora_r,
+        lora_alpha=training_args.lora_alpha,
+        target_modules=lora_target_modules(model),
+        lora_dropout=training_args.lora_dropout,
+        bias=training_args.lora_bias,
+    )
+    model = get_peft_model(model, config)
+    if training_args.lora_weight_path:
+        load_lora_checkpoint(model, training_args.lora_weight_path)
+        logger.info("LoRA training starts from %s", training_args.lora_weight_path)
+    return model
+
+
+def _unwrapped(model):
+    """The MPLUGOwl2LlamaForCausalLM inside a PeftModel (or the model itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if get_base_model is not None else model
+
+
+def set_trainable(model, training_args) -> None:
+    """The trainable set of facts §6.3 step 11, in the original's order.
+
+    With LoRA only names containing ``lora_`` first; then every ``lm_head`` and ``deepmlp`` parameter; the whole
+    abstractor follows ``--tune_visual_abstractor``, the whole vision encoder ``not --freeze_vision_model``.
+    The three flags are recorded in the config.
+    """
+    if training_args.lora_enable:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+    for name, parameter in model.named_parameters():
+        if "lm_head" in name or "deepmlp" in name:
+            parameter.requires_grad_(True)
+    base = _unwrapped(model)
+    base.model.visual_abstractor.requires_grad_(training_args.tune_visual_abstractor)
+    base.model.vision_model.requires_grad_(not training_args.freeze_vision_model)
+    base.config.tune_visual_abstractor = training_args.tune_visual_abstractor
+    base.config.freeze_vision_model = training_args.freeze_vision_model
+    base.config.visual_abstractor_lr = training_args.visual_abstractor_lr
+
+
+def record_training_config(config, data_args, training_args) -> None:
+    """Write the training fields into the model config (facts §6.3 step 10); pair-only fields for pair training."""
+    if data_args.dataset_type == "pair":
+        for name in PAIR_CONFIG_FIELDS:
+            setattr(config, name, getattr(training_args, name))
+    if training_args.weight_soft_kl:
+        config.weight_soft_kl = training_args.weight_soft_kl
+        config.soft_kl_closed_set = training_args.soft_kl_closed_set
+    config.weight_desp = training_args.weight_desp
+    config.weight_next_token = training_args.weight_next_token
+    config.image_aspect_ratio = data_args.image_aspect_ratio
+    config.image_grid_pinpoints = data_args.image_grid_pinpoints
+
+
+def write_base_model(output_dir, config, tokenizer_dir, *, seed: int = 0) -> Path:
+    """Write a randomly initialised base model folder to train from scratch (tiny experiments, tests, benchmarks).
+
+    The folder gets ``config.json``, the weights, the tokenizer files of ``tokenizer_dir`` (its ``tokenizer.model``
+    and configs; the score tokens are added at training time) and the image-processor config. ``config.vocab_size``
+    must be the tokenizer's vocabulary without the score tokens.
+    """
+    from ..data.image import ImageProcessor
+    from ..model import MPLUGOwl2LlamaForCausalLM
+
+    output_dir = Path(output_dir)
+    torch.manual_seed(seed)
+    MPLUGOwl2LlamaForCausalLM(config).save_pretrained(output_dir)
+    for name in TOKENIZER_FILES:
+        source = Path(tokenizer_dir) / name
+        if not source.is_file():
+            raise QScorerError(f"tokenizer folder {tokenizer_dir} has no {name}")
+        shutil.copyfile(source, output_dir / name)
+    ImageProcessor().save_pretrained(output_dir)
+    return output_dir
