@@ -297,6 +297,10 @@ def test_loss_is_cross_entropy_plus_summed_squared_error_over_batch():
     assert output.loss_ce.item() == pytest.approx(expected_ce.item(), abs=1e-5)
     assert output.loss_score.item() == pytest.approx(expected_score.item(), abs=1e-5)
     assert output.loss.item() == pytest.approx(expected_ce.item() + expected_score.item(), abs=1e-5)
+    assert {"loss", "loss_ce", "loss_score", "score_positions", "score_predictions"} <= set(output.keys())
+    with torch.no_grad():
+        as_tuple = model(**batch, return_dict=False)
+    assert as_tuple[0].item() == pytest.approx(output.loss.item(), abs=1e-6)
 
 
 def test_prediction_is_clamped_to_zero_five_in_the_loss():

@@ -496,25 +496,27 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         if logits_to_keep and labels is not None:
             raise ValueError("logits_to_keep cannot be combined with labels")
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        losses = {} if spliced.labels is None else self._losses(logits, hidden, spliced.labels, gt_scores)
         output = QScorerCausalLMOutput(
             logits=logits,
             cache=cache,
             hidden_states=all_hidden,
             last_hidden_state=hidden,
             attention_mask=spliced.attention_mask,
+            **losses,
         )
-        if spliced.labels is not None:
-            self._add_losses(output, spliced.labels, gt_scores)
         return output if return_dict is not False else output.to_tuple()
 
-    def _add_losses(self, output: QScorerCausalLMOutput, labels: torch.Tensor, gt_scores: torch.Tensor | None) -> None:
+    def _losses(
+        self, logits: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor, gt_scores: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """Cross-entropy on next tokens plus the score term: the head reads the hidden state at every position whose
         NEXT label is a score token; sum of squared errors of the clamped predictions, divided by the batch size.
 
         The cross-entropy runs in float32 (the original used the logits' dtype, bf16 in training). A batch without
         supervised tokens gives CE 0 instead of NaN.
         """
-        shift_logits = output.logits[:, :-1].float()
+        shift_logits = logits[:, :-1].float()
         shift_labels = labels[:, 1:].to(shift_logits.device)
         if bool((shift_labels != IGNORE_INDEX).any()):
             loss_ce = F.cross_entropy(
@@ -526,7 +528,7 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         score_ids = torch.tensor(self.config.score_token_id, dtype=shift_labels.dtype, device=shift_labels.device)
         is_score_next = torch.isin(shift_labels, score_ids)
         positions = is_score_next.nonzero()
-        predictions = self.deepmlp(output.last_hidden_state[:, :-1][is_score_next]).clamp(*SCORE_RANGE)
+        predictions = self.deepmlp(hidden[:, :-1][is_score_next]).clamp(*SCORE_RANGE)
         if positions.shape[0]:
             if gt_scores is None:
                 raise ValueError("labels contain score tokens but gt_scores is missing")
@@ -536,9 +538,30 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
             if not self.config.score_token_id:
                 logger.warning("config.score_token_id is empty: the score head gets no training signal")
             loss_score = predictions.sum() * 0.0
-        output.loss_ce, output.loss_score = loss_ce, loss_score
-        output.loss = loss_ce + loss_score
-        output.score_positions, output.score_predictions = positions, predictions
+        return {
+            "loss": loss_ce + loss_score,
+            "loss_ce": loss_ce,
+            "loss_score": loss_score,
+            "score_positions": positions,
+            "score_predictions": predictions,
+        }
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, past_key_values=None, attention_mask=None, images=None, **kwargs
+    ) -> dict:
+        """Inputs of one decoding step: the whole prompt with its images first, then the last token on the cache.
+
+        (peft's causal-LM wrapper requires this method.)
+        """
+        if past_key_values:
+            input_ids, images = input_ids[:, -1:], None
+        return {
+            "input_ids": input_ids,
+            "past_key_values": past_key_values,
+            "attention_mask": attention_mask,
+            "images": images,
+            "use_cache": True,
+        }
 
     def predict_scores(self, input_ids: torch.Tensor, images) -> ScorePrediction:
         """Score images with one prefill and one KV-cached step (facts §4.8, without the second full pass).
