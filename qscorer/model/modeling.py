@@ -546,23 +546,6 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
             "score_predictions": predictions,
         }
 
-    def prepare_inputs_for_generation(
-        self, input_ids: torch.Tensor, past_key_values=None, attention_mask=None, images=None, **kwargs
-    ) -> dict:
-        """Inputs of one decoding step: the whole prompt with its images first, then the last token on the cache.
-
-        (peft's causal-LM wrapper requires this method.)
-        """
-        if past_key_values:
-            input_ids, images = input_ids[:, -1:], None
-        return {
-            "input_ids": input_ids,
-            "past_key_values": past_key_values,
-            "attention_mask": attention_mask,
-            "images": images,
-            "use_cache": True,
-        }
-
     def predict_scores(self, input_ids: torch.Tensor, images) -> ScorePrediction:
         """Score images with one prefill and one KV-cached step (facts §4.8, without the second full pass).
 
