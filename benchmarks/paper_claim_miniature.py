@@ -4,9 +4,10 @@ same model, data, steps and optimizer. Prints JSON (held-out SRCC / PLCC / KRCC 
 
     python benchmarks/paper_claim_miniature.py [--steps 800] [--work-dir DIR] > miniature.json
 
-Both arms start from the same randomly initialised tiny mPLUG-Owl2 (LLM 128 wide, vision and abstractor 64 wide,
-2 layers each) with the demo tokenizer, are trained in full (no LoRA; vision encoder and abstractor trainable) on
-the synthetic IQA set of ``qscorer synth`` and evaluated on its held-out test split (no overlapping content):
+Both arms start from the same randomly initialised tiny mPLUG-Owl2 (``qscorer.demo.tiny_config``: LLM 128 wide,
+vision and abstractor 64 wide, 2 layers each, 28-px patches, width-scaled init) with the demo tokenizer, are
+trained in full (no LoRA; vision encoder and abstractor trainable) on the synthetic IQA set of ``qscorer synth``
+and evaluated on its held-out test split (no overlapping content):
 
 - ``qscorer``: answers "The quality of the image is <scoreN>."; loss CE + squared error of the head at the position
   predicting the score token; score = the head's output at the token the model appends after "is".
@@ -49,8 +50,8 @@ from qscorer.data.conversation import ANSWER_PREFIX, SCORING_QUESTION
 from qscorer.data.demo_tokenizer import DEMO_VOCAB_SIZE
 from qscorer.data.image import load_image
 from qscorer.data.synthetic import build_synthetic_iqa
+from qscorer.demo import tiny_config
 from qscorer.evaluation import compute_metrics
-from qscorer.model import MPLUGOwl2Config, MPLUGOwl2LlamaForCausalLM
 from qscorer.train.arguments import parse_arguments
 from qscorer.train.setup import write_base_model
 from qscorer.train.train import train
@@ -58,24 +59,6 @@ from qscorer.train.train import train
 logger = logging.getLogger("paper_claim_miniature")
 
 ARMS = {"qscorer": "train.json", "level_tokens": "train_levels.json"}
-
-
-def miniature_config(llm_width: int, visual_width: int) -> MPLUGOwl2Config:
-    """The tiny model both arms start from (demo-tokenizer vocabulary, no score tokens yet)."""
-    visual = {"hidden_size": visual_width, "intermediate_size": 2 * visual_width, "num_hidden_layers": 2,
-              "num_attention_heads": 4}
-    return MPLUGOwl2Config(
-        vocab_size=DEMO_VOCAB_SIZE,
-        hidden_size=llm_width,
-        intermediate_size=2 * llm_width,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        visual_config={
-            "visual_model": visual,
-            "visual_abstractor": {**visual, "encoder_hidden_size": visual_width},
-        },
-        deepmlp_hidden_dims=[llm_width, llm_width // 2],
-    )
 
 
 def level_word_ids(tokenizer) -> list[int]:
@@ -212,12 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                                 image_size=options.image_size, seed=options.seed, progress=False)
         tokenizer_dir = build_demo_tokenizer(work / "tokenizer")
         level_word_ids(load_tokenizer(tokenizer_dir))
-        base = write_base_model(work / "base", miniature_config(options.llm_width, options.visual_width),
-                                tokenizer_dir, seed=options.seed)
-        if options.head_bias is not None:
-            start = MPLUGOwl2LlamaForCausalLM.from_pretrained(base)
-            torch.nn.init.constant_(start.deepmlp.output_layer.bias, options.head_bias)
-            start.save_pretrained(base)
+        config = tiny_config(DEMO_VOCAB_SIZE, llm_width=options.llm_width, visual_width=options.visual_width)
+        base = write_base_model(work / "base", config, tokenizer_dir, seed=options.seed, head_start=options.head_bias)
         results = {name: run_arm(name, base, data, work / name, options) for name in ARMS}
 
     report = {
