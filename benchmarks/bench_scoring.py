@@ -14,6 +14,7 @@ GPU (real 7B shapes, random weights, bf16, batches 1/8/32):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -74,13 +75,13 @@ def build_model(name: str, device: str, dtype: torch.dtype) -> MPLUGOwl2LlamaFor
     return model.to(dtype).eval()
 
 
-def _timed(function, repeats: int, device: str) -> float:
+def _timed(function, arguments: tuple, repeats: int, device: str) -> float:
     timings = []
     for _ in range(repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        function()
+        function(*arguments)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
@@ -96,8 +97,8 @@ def bench_prefill(name: str, device: str, dtype: torch.dtype, batch_sizes: list[
         with torch.inference_mode():
             ours = model.predict_scores(input_ids, pixels)
             _, reference, _, _ = score_with_two_full_passes(model, input_ids, pixels)
-            ours_time = _timed(lambda: model.predict_scores(input_ids, pixels), repeats, device)
-            reference_time = _timed(lambda: score_with_two_full_passes(model, input_ids, pixels), repeats, device)
+            ours_time = _timed(model.predict_scores, (input_ids, pixels), repeats, device)
+            reference_time = _timed(score_with_two_full_passes, (model, input_ids, pixels), repeats, device)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             with torch.inference_mode():
@@ -120,10 +121,11 @@ def bench_prefill(name: str, device: str, dtype: torch.dtype, batch_sizes: list[
     return rows
 
 
-def bench_workers(num_images: int, batch_size: int) -> dict:
-    """Batch inference of the tiny model over JPEG files, decoding in the main process vs in 2 workers."""
+def bench_workers(num_images: int, batch_size: int, image_size: tuple[int, int] = (1024, 768)) -> dict:
+    """Batch inference of the tiny model over JPEG files, decoding in the main process vs in 2 workers (with
+    torch's CPU threads reduced to leave the workers their cores, as ``qscorer infer`` does)."""
     from qscorer.inference import MetaInference
-    from qscorer.scoring import Scorer
+    from qscorer.scoring import Scorer, share_cpu_with_workers
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny import save_tiny_checkpoint
@@ -134,13 +136,16 @@ def bench_workers(num_images: int, batch_size: int) -> dict:
         records = []
         (root / "images").mkdir()
         for index in range(num_images):
-            pixels = (torch.rand(768, 1024, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            pixels = (torch.rand(image_size[1], image_size[0], 3, generator=generator) * 255).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(root / "images" / f"{index}.jpg", quality=90)
             records.append({"id": str(index), "image": f"images/{index}.jpg"})
         (root / "meta.json").write_text(json.dumps(records))
         model_folder = save_tiny_checkpoint(root / "model")
-        result = {"images": num_images, "batch": batch_size, "image_size": [1024, 768]}
+        result = {"images": num_images, "batch": batch_size, "image_size": list(image_size)}
+        threads = torch.get_num_threads()
         for workers in (0, 2):
+            torch.set_num_threads(threads)
+            share_cpu_with_workers(workers, "cpu")
             scorer = Scorer(model_folder, device="cpu", dtype="float32", batch_size=batch_size, num_workers=workers)
             job = MetaInference(scorer, root / "meta.json", root, root / f"out{workers}", with_prob=False)
             start = time.perf_counter()
@@ -161,6 +166,12 @@ def main() -> None:
     parser.add_argument("--worker-images", type=int, default=48)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed, when installed, logs to stdout on import
+        report = measure(args, dtype)
+    print(json.dumps(report, indent=1))
+
+
+def measure(args, dtype: torch.dtype) -> dict:
     report = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "torch_threads": torch.get_num_threads(),
@@ -173,9 +184,11 @@ def main() -> None:
         "goal_ratio": 0.55,
     }
     if not args.skip_workers:
-        report["workers"] = bench_workers(args.worker_images, batch_size=8)
+        report["workers"] = [
+            bench_workers(args.worker_images, batch_size=8, image_size=size) for size in ((1024, 768), (2048, 1536))
+        ]
         report["goal_speedup"] = 1.7
-    print(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .scoring import Scorer
+    from .scoring import Scorer, share_cpu_with_workers
 
     with_prob = _truthy(args.with_prob)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -231,6 +231,7 @@ def run(args) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
+        share_cpu_with_workers(args.num_workers, device)
         scorer = Scorer.from_cli_arguments(args, device=device)
         failed = 0
         for meta_path in args.meta_paths:

@@ -251,6 +251,18 @@ def score_with_two_full_passes(model, input_ids: torch.Tensor, pixel_values: tor
         return appended, model.deepmlp(hidden), second.logits[:, -1][:, score_ids], hidden
 
 
+def share_cpu_with_workers(num_workers: int, device: str | torch.device) -> None:
+    """On CPU, leave one core per DataLoader worker: torch's intra-op threads slow down several-fold when the
+    decoding workers already occupy every core. (Called by ``qscorer score`` / ``qscorer infer``.)"""
+    from .loading import resolve_device
+
+    if num_workers > 0 and resolve_device(device).type == "cpu":
+        threads = max(1, (os.cpu_count() or 1) - num_workers)
+        if threads < torch.get_num_threads():
+            logger.info("%d decoding workers: torch uses %d CPU thread(s)", num_workers, threads)
+            torch.set_num_threads(threads)
+
+
 def _as_list(images) -> list:
     if isinstance(images, torch.Tensor):
         return list(images) if images.dim() == 4 else [images]
@@ -314,6 +326,7 @@ def run(args) -> int:
     paths = expand_image_arguments([*args.images, *args.img_path])
     if not paths:
         raise QScorerError("no images given: pass files, folders or globs")
+    share_cpu_with_workers(args.num_workers, args.device)
     scorer = Scorer.from_cli_arguments(args)
     results = scorer.score(paths, progress=len(paths) > args.batch_size)
     write_results(results, args.format, sys.stdout)
