@@ -17,11 +17,41 @@ HERE = Path(__file__).resolve().parent
 BOXES = {
     "image": (0.2, 4.3, 2.2, 0.9, "image\n(RGB, padded to a square,\n448 px, CLIP-normalised)", "#f2f2f2"),
     "vision": (0.2, 2.8, 2.2, 1.0, "ViT-L/14 vision encoder\n24 layers, QuickGELU\n1025 tokens x 1024", "#dbe9f6"),
-    "abstractor": (0.2, 1.2, 2.2, 1.1, "visual abstractor\n6 cross-attention layers\n64 queries + vit_eos\n= 65 tokens x 4096", "#dbe9f6"),
-    "prompt": (3.0, 4.3, 3.0, 0.9, "prompt ids: USER: How would you rate the\nquality of this image? <image> ASSISTANT:\nThe quality of the image is", "#f2f2f2"),
-    "llm": (3.0, 1.2, 3.0, 2.5, "modality-adaptive LLaMA-2-7B\n32 layers\n\ntext tokens -> k/v/norm branch 0\nvisual tokens -> k/v/norm branch 1\nq, o, MLP shared", "#fde9d9"),
-    "lm_head": (6.6, 3.0, 2.4, 0.9, "lm_head\n\"▁\" then <score1..5>\n(next-token logits)", "#e2f0d9"),
-    "deepmlp": (6.6, 1.2, 2.4, 1.2, "DeepMLP head\n4096 -> 2048 -> 1024 -> 1\nreads the hidden state\nbefore <scoreN>", "#e2f0d9"),
+    "abstractor": (
+        0.2,
+        1.2,
+        2.2,
+        1.1,
+        "visual abstractor\n6 cross-attention layers\n64 queries + vit_eos\n= 65 tokens x 4096",
+        "#dbe9f6",
+    ),
+    "prompt": (
+        3.0,
+        4.3,
+        3.0,
+        0.9,
+        "prompt ids: USER: How would you rate the\n"
+        "quality of this image? <image> ASSISTANT:\nThe quality of the image is",
+        "#f2f2f2",
+    ),
+    "llm": (
+        3.0,
+        1.2,
+        3.0,
+        2.5,
+        "modality-adaptive LLaMA-2-7B\n32 layers\n\ntext tokens -> k/v/norm branch 0\n"
+        "visual tokens -> k/v/norm branch 1\nq, o, MLP shared",
+        "#fde9d9",
+    ),
+    "lm_head": (6.6, 3.0, 2.4, 0.9, 'lm_head\n"▁" then <score1..5>\n(next-token logits)', "#e2f0d9"),
+    "deepmlp": (
+        6.6,
+        1.2,
+        2.4,
+        1.2,
+        "DeepMLP head\n4096 -> 2048 -> 1024 -> 1\nreads the hidden state\nbefore <scoreN>",
+        "#e2f0d9",
+    ),
     "score": (6.6, 0.0, 2.4, 0.7, "quality score (about 1..5)", "#fff2cc"),
 }
 

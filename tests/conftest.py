@@ -42,3 +42,11 @@ def llama_tokenizer_dir() -> Path:
 def parity_images_dir() -> Path:
     """``../shared/parity/images``: boat.jpg, landscape_640x360.jpg, portrait_300x500.png."""
     return _require(PARITY / "images")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(llama_tokenizer_dir):
+    """The real LLaMA-2 tokenizer with the score tokens, shared across tests: do not modify it."""
+    from qscorer.data import load_tokenizer
+
+    return load_tokenizer(llama_tokenizer_dir)

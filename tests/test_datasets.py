@@ -1,6 +1,5 @@
 """Meta records -> training batches (facts §4.4, §4.5, §6.6, §10): parity with the original and validation."""
 
-import functools
 import json
 import logging
 import math
@@ -17,7 +16,6 @@ from qscorer.data import (
     SingleCollator,
     SingleDataset,
     load_meta,
-    load_tokenizer,
     mask_targets,
     preprocess,
 )
@@ -26,17 +24,6 @@ from qscorer.data.tokenization import tokenizer_image_token
 from qscorer.errors import QScorerError
 
 QUESTION = "How would you rate the quality of this image?\n<|image|>"
-
-
-@functools.cache
-def _cached_tokenizer(path):
-    return load_tokenizer(path)
-
-
-@pytest.fixture
-def tokenizer(llama_tokenizer_dir):
-    """Shared across tests: do not modify it."""
-    return _cached_tokenizer(str(llama_tokenizer_dir))
 
 
 @pytest.fixture

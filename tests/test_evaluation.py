@@ -183,7 +183,7 @@ def test_curve_fit_failure_falls_back_to_raw_metrics_with_a_warning(monkeypatch,
 
 def test_optimize_warning_counts_as_not_converged(monkeypatch):
     def warns(function, x, y, p0, maxfev):
-        warnings.warn("Covariance of the parameters could not be estimated", OptimizeWarning)
+        warnings.warn("Covariance of the parameters could not be estimated", OptimizeWarning, stacklevel=2)
         return np.array(p0), np.full((4, 4), np.inf)
 
     monkeypatch.setattr(evaluation, "curve_fit", warns)
@@ -357,7 +357,8 @@ def test_csv_output(tmp_path):
     assert [row["dataset"] for row in rows] == list(RESULTS)
     for row in rows:
         expected = RESULTS[row["dataset"]]
-        assert {key: float(row[key]) for key in evaluation.METRICS} == {key: expected[key] for key in evaluation.METRICS}
+        metrics = {key: float(row[key]) for key in evaluation.METRICS}
+        assert metrics == {key: expected[key] for key in evaluation.METRICS}
         assert int(row["n"]) == expected["n"] and row["fit_converged"] == str(expected["fit_converged"])
 
 

@@ -1,7 +1,6 @@
 """Tokenizer loading and exact prompt ids (facts §3.1, §4.1, §4.2, §4.7) on transformers 4.57 and 5.x."""
 
 import ast
-import functools
 import json
 import pickle
 import random
@@ -26,17 +25,6 @@ from qscorer.errors import QScorerError
 
 REPO = Path(__file__).resolve().parents[1]
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-
-
-@functools.cache
-def _cached_tokenizer(path):
-    return load_tokenizer(path)
-
-
-@pytest.fixture
-def tokenizer(llama_tokenizer_dir):
-    """Shared across tests: do not modify it."""
-    return _cached_tokenizer(str(llama_tokenizer_dir))
 
 
 @pytest.fixture
