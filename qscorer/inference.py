@@ -161,7 +161,7 @@ class MetaInference:
             logger.error("%s", error)
             line["error"] = error
             return line
-        result = self.scorer._result(record.image, prediction, row)
+        result = self.scorer.image_score(record.image, prediction, row)
         line["logits"] = result.logits
         line["score"] = result.score
         if self.with_prob:

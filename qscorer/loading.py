@@ -254,7 +254,8 @@ def load_pretrained_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     attention = resolve_attn_implementation(attn_implementation, torch_device)
-    tokenizer = load_tokenizer(_tokenizer_folder(preprocessor_path, model_path, model_base), base_model_path=model_base)
+    configs_folder = _tokenizer_folder(preprocessor_path, model_path, model_base)
+    tokenizer = load_tokenizer(configs_folder, base_model_path=model_base)
     score_ids = score_token_ids(tokenizer)
     report = LoadReport(kind=kind)
 
@@ -302,9 +303,7 @@ def load_pretrained_model(
 
     model.to(torch_device).eval()
     model.load_report = report
-    image_processor = ImageProcessor.from_pretrained(
-        _tokenizer_folder(preprocessor_path, model_path, model_base), image_aspect_ratio="pad"
-    )
+    image_processor = ImageProcessor.from_pretrained(configs_folder, image_aspect_ratio="pad")
     context_len = getattr(model.config, "max_sequence_length", DEFAULT_CONTEXT_LENGTH)
     return tokenizer, model, image_processor, context_len
 

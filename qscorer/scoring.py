@@ -219,10 +219,11 @@ class Scorer:
                 continue
             prediction = self.predict(pixels)
             for row, index in enumerate(good):
-                results[index] = self._result(source_name(sources[index], index), prediction, row)
+                results[index] = self.image_score(source_name(sources[index], index), prediction, row)
         return results
 
-    def _result(self, name: str, prediction, row: int) -> ImageScore:
+    def image_score(self, name: str, prediction, row: int) -> ImageScore:
+        """The ``ImageScore`` of row ``row`` of a ``predict`` result (clamped if ``clamp``)."""
         score = float(prediction.scores[row].float())
         if self.clamp:
             score = min(max(score, 0.0), 5.0)
