@@ -124,8 +124,9 @@ def bench_prefill(name: str, device: str, dtype: torch.dtype, batch_sizes: list[
 def bench_workers(num_images: int, batch_size: int, image_size: tuple[int, int] = (1024, 768)) -> dict:
     """Batch inference of the tiny model over JPEG files, decoding in the main process vs in 2 workers (with
     torch's CPU threads reduced to leave the workers their cores, as ``qscorer infer`` does)."""
+    from qscorer.cli.options import share_cpu_with_workers
     from qscorer.inference import MetaInference
-    from qscorer.scoring import Scorer, share_cpu_with_workers
+    from qscorer.scoring import Scorer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny import save_tiny_checkpoint

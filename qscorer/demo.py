@@ -1,4 +1,4 @@
-"""``qscorer demo``: the whole pipeline on a tiny model, on CPU, with no download.
+"""The whole pipeline on a tiny model, on CPU, with no download (``qscorer demo`` runs it).
 
 1. ``synth``: a synthetic IQA set from scikit-image's bundled photos (graded blur, JPEG, noise, … with MOS 1..5).
 2. A tiny base model: a LLaMA-style tokenizer trained on the spot and a randomly initialised mPLUG-Owl2 with
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -153,40 +152,3 @@ def run_demo(out_dir: str | Path, *, num_train: int, num_test: int, epochs: floa
         "plot": str(results / "plots" / "test.png"),
         "checkpoint": str(checkpoint),
     }
-
-
-def _number(value) -> str:
-    return "undefined (constant predictions)" if value is None else f"{value:.3f}"
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="demo_out", help="output folder (replaced if it holds a previous demo)")
-    parser.add_argument("--num-train", type=int, default=400)
-    parser.add_argument("--num-test", type=int, default=100)
-    parser.add_argument("--epochs", type=float, default=12.0)
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def run(args) -> int:
-    out = Path(args.out)
-    if out.exists():
-        if not (out / "demo.json").exists():
-            raise QScorerError(f"{out} exists and is not a previous demo output: choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / "demo.json").write_text(json.dumps({"status": "running"}) + "\n")
-    summary = run_demo(out, num_train=args.num_train, num_test=args.num_test, epochs=args.epochs, seed=args.seed)
-    (out / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
-    metrics = summary["metrics"]
-    print(
-        "\nqscorer demo: a TINY model (LLM width 64, random start) trained for "
-        f"{summary['seconds']['train']:.0f} s on CPU on synthetic distortions."
-    )
-    print("It shows the pipeline working end to end; it says nothing about Q-Scorer's accuracy on real images.")
-    correlations = "   ".join(f"{key} {_number(metrics[key])}" for key in ("SRCC", "PLCC"))
-    print(f"  held-out images: {metrics['n']}   {correlations}")
-    print(f"  predictions:     {summary['predictions']}")
-    print(f"  scatter plot:    {summary['plot']}")
-    print(f"  checkpoint:      {summary['checkpoint']}")
-    print(f"  score an image:  qscorer score --model-path {summary['checkpoint']} fig/sample.jpg")
-    return 0

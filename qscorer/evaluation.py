@@ -1,4 +1,4 @@
-"""``qscorer eval``: SRCC / PLCC / KRCC / RMSE of predicted scores against ground-truth MOS.
+"""SRCC / PLCC / KRCC / RMSE of predicted scores against ground-truth MOS (``qscorer eval`` runs it).
 
 Re-implements the original ``src/evaluate/cal_plcc_srcc.py`` (facts §9): a 4-parameter logistic maps the predictions
 onto the MOS scale, and SRCC and PLCC are computed on the fitted predictions, so on the same records the numbers equal
@@ -16,7 +16,6 @@ This module needs numpy, scipy and (for plots, imported lazily) matplotlib; it n
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -45,9 +44,6 @@ MAXFEV = 10000
 
 RESULT_FORMATS = (".md", ".csv", ".json")
 """Suffixes accepted by ``--out``; the suffix picks the format."""
-
-DEFAULT_PLOT_DIR = Path("eval_plots")
-"""Plot folder when neither ``--plot-dir`` nor ``--out`` is given."""
 
 _MAX_LISTED = 5
 _MAX_REASON_CHARS = 80
@@ -378,7 +374,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 def write_results(results: dict[str, dict[str, Any]], path: str | Path) -> None:
     """Write ``results`` (dataset -> metrics) as Markdown, CSV or JSON, chosen by the suffix of ``path``."""
     path = Path(path)
-    suffix = _checked_suffix(path)
+    suffix = result_format(path)
     if suffix == ".md":
         text = format_table(results)
     elif suffix == ".csv":
@@ -392,7 +388,8 @@ def write_results(results: dict[str, dict[str, Any]], path: str | Path) -> None:
         raise QScorerError(f"{path}: cannot write: {error}") from error
 
 
-def _checked_suffix(path: Path) -> str:
+def result_format(path: Path) -> str:
+    """The format suffix of a results path (.md, .csv or .json); another suffix is an error naming the path."""
     suffix = path.suffix.lower()
     if suffix not in RESULT_FORMATS:
         raise QScorerError(f"{path}: unknown result format {suffix or '(no suffix)'}; use {', '.join(RESULT_FORMATS)}")
@@ -442,89 +439,3 @@ def save_scatter_plot(evaluation: Evaluation, path: str | Path) -> None:
         figure.savefig(path, format="png")
     except OSError as error:
         raise QScorerError(f"{path}: cannot write the plot: {error}") from error
-
-
-def default_plot_dir(out: Path | None) -> Path:
-    """``<out stem>_plots`` next to ``--out`` (results.md -> results_plots/), else ``eval_plots`` in the cwd."""
-    return DEFAULT_PLOT_DIR if out is None else out.with_name(f"{out.stem}_plots")
-
-
-def _dataset_names(pred_paths: Sequence[str | Path]) -> list[str]:
-    """Prediction file stems, with "-2", "-3", ... appended to repeats so that every dataset has its own row."""
-    names: list[str] = []
-    for path in pred_paths:
-        stem = Path(path).stem
-        name, copy = stem, 2
-        while name in names:
-            name, copy = f"{stem}-{copy}", copy + 1
-        names.append(name)
-    return names
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``qscorer eval`` (the original's --pred_paths / --gt_paths, plus output options)."""
-    parser.add_argument(
-        "--pred_paths",
-        "--pred-paths",
-        dest="pred_paths",
-        nargs="+",
-        required=True,
-        metavar="PRED",
-        help='prediction files (JSON lines or a JSON list of {"id", "score", ...}); the dataset name is the stem',
-    )
-    parser.add_argument(
-        "--gt_paths",
-        "--gt-paths",
-        dest="gt_paths",
-        nargs="+",
-        required=True,
-        metavar="GT",
-        help='ground-truth metas (JSON list or JSON lines of {"id", "gt_score", ...}), paired with PRED by position',
-    )
-    parser.add_argument(
-        "--skip-failed",
-        action="store_true",
-        help='leave out, with a warning, prediction records with an "error" field or no numeric score '
-        "(default: stop with an error)",
-    )
-    parser.add_argument(
-        "--out", type=Path, metavar="FILE", help="also write the results; the suffix picks the format: .md, .csv, .json"
-    )
-    plots = parser.add_mutually_exclusive_group()
-    plots.add_argument(
-        "--plot-dir",
-        type=Path,
-        metavar="DIR",
-        help="folder for one scatter plot PNG per dataset (default: <out stem>_plots next to --out, else ./eval_plots)",
-    )
-    plots.add_argument("--no-plots", action="store_true", help="write no scatter plots")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Evaluate each prediction file against its ground truth, print the table, write the results and plots."""
-    if len(args.pred_paths) != len(args.gt_paths):
-        raise QScorerError(
-            f"--pred_paths has {len(args.pred_paths)} file(s) but --gt_paths has {len(args.gt_paths)}; "
-            "they are paired by position"
-        )
-    if args.out is not None:
-        _checked_suffix(args.out)
-    evaluations = [
-        evaluate_file(pred_path, gt_path, dataset=name, skip_failed=args.skip_failed)
-        for pred_path, gt_path, name in zip(args.pred_paths, args.gt_paths, _dataset_names(args.pred_paths))
-    ]
-    results = {evaluation.dataset: evaluation.metrics for evaluation in evaluations}
-    print(format_table(results), end="")
-    if args.out is not None:
-        write_results(results, args.out)
-        logger.info("wrote %s", args.out)
-    if not args.no_plots:
-        plot_dir = args.plot_dir or default_plot_dir(args.out)
-        for evaluation in evaluations:
-            save_scatter_plot(evaluation, plot_dir / f"{evaluation.dataset}.png")
-        logger.info("wrote %d scatter plot(s) to %s", len(evaluations), plot_dir)
-    return 0

@@ -1,4 +1,4 @@
-"""Merge a LoRA checkpoint into a self-contained model folder (the original's scripts/merge_lora_save.py).
+"""Export a merged model as a self-contained folder (the original's scripts/merge_lora_save.py; ``qscorer merge``).
 
 The folder holds safetensors weights, ``config.json`` (with ``score_token_id``, ``score_tokens``,
 ``deepmlp_hidden_dims`` and an ``auto_map``), the tokenizer with the score tokens, ``preprocessor_config.json`` and
@@ -144,42 +144,3 @@ def export_model(
         (output / "README.md").write_text(MODEL_CARD.replace("{folder}", str(output)), encoding="utf-8")
     logger.info("exported %s (%s)", output, str(dtype).removeprefix("torch."))
     return output
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model-path", required=True, help="LoRA checkpoint folder")
-    parser.add_argument("--model-base", required=True, help="base model folder (mplug-owl2-llama2-7b)")
-    parser.add_argument("--preprocessor-path", default=None, help="tokenizer / image-processor configs")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--torch-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    parser.add_argument("--device", default="cpu", help="where to merge (cpu needs ~4 bytes per parameter of RAM)")
-    parser.add_argument("--no-remote-code", action="store_true", help="do not write the modeling files")
-    parser.add_argument("--max-shard-size", default="5GB")
-    parser.add_argument("--allow-unexpected-keys", action="store_true")
-
-
-def run(args) -> int:
-    from .loading import DTYPES, load_pretrained_model
-
-    output = Path(args.output_dir)
-    if output.exists() and any(output.iterdir()):
-        raise QScorerError(f"output folder {output} is not empty")
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path,
-        args.model_base,
-        args.preprocessor_path,
-        device=args.device,
-        dtype="float32",
-        allow_unexpected_keys=args.allow_unexpected_keys,
-    )
-    export_model(
-        model,
-        tokenizer,
-        image_processor,
-        output,
-        dtype=DTYPES[args.torch_dtype],
-        remote_code=not args.no_remote_code,
-        max_shard_size=args.max_shard_size,
-    )
-    print(output)
-    return 0

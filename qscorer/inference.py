@@ -1,4 +1,4 @@
-"""Batch inference over test metas, the original's iqa_eval.py made robust (facts §8.3).
+"""Batch inference over test metas, the original's iqa_eval.py made robust (``qscorer infer`` runs it).
 
 For each meta file, ``<save-dir>/<meta file name>`` receives one JSON line per record, in meta order:
 ``{"id", "image", "gt_score", "logits": {"<score5>": .., .., "<score1>": ..}, "score"}`` (+ ``"probs"`` with
@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -190,68 +189,34 @@ class MetaInference:
         return self.output
 
 
-def _truthy(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise QScorerError(f"--with-prob expects true or false, got {value!r}")
+def infer_metas(
+    scorer, meta_paths, root_dir, save_dir, *, with_prob: bool = False, retry_failed: bool = False
+) -> int:
+    """Score every meta of ``meta_paths`` into ``save_dir``; returns how many records failed.
 
+    Inside an initialised ``torch.distributed`` process group each process scores its share and rank 0 merges the
+    outputs (the count of failures is rank 0's).
+    """
+    import torch.distributed as dist
 
-def add_arguments(parser) -> None:
-    from .scoring import PROMPTS, add_model_arguments
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
-    add_model_arguments(parser)
-    parser.add_argument("--meta-paths", nargs="+", required=True, help="test metas (JSON list or JSON lines)")
-    parser.add_argument("--root-dir", required=True, help="folder the metas' image paths are relative to")
-    parser.add_argument("--save-dir", default="results", help="output folder (one JSON-lines file per meta)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers that decode images")
-    parser.add_argument(
-        "--with-prob", nargs="?", const="true", default="false", help="also write the five probabilities"
-    )
-    parser.add_argument("--prompt", choices=PROMPTS, default="eval", help="eval (default, the original's) or scorer")
-    parser.add_argument("--no-clamp", action="store_true", help="do not clamp scores to [0, 5] (iqa_eval.py did not)")
-    parser.add_argument("--retry-failed", action="store_true", help="score again the records that failed before")
+    def barrier() -> None:
+        if distributed:
+            dist.barrier()
 
-
-def run(args) -> int:
-    from .scoring import Scorer, share_cpu_with_workers
-
-    with_prob = _truthy(args.with_prob)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = args.device
-    distributed = world_size > 1
-    if distributed:
-        import torch.distributed as dist
-
-        use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-        if use_cuda:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    try:
-        share_cpu_with_workers(args.num_workers, device)
-        scorer = Scorer.from_cli_arguments(args, device=device)
-        failed = 0
-        for meta_path in args.meta_paths:
-            job = MetaInference(
-                scorer, meta_path, args.root_dir, args.save_dir, with_prob=with_prob, rank=rank, world_size=world_size
-            )
-            pending = job.pending(args.retry_failed)
-            if distributed:
-                dist.barrier()
-            job.run(pending)
-            if distributed:
-                dist.barrier()
-            if rank == 0:
-                output = job.finalize()
-                failed += sum("error" in line for line in read_json_lines(output))
-            if distributed:
-                dist.barrier()
-    finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
-    if failed:
-        logger.error("%d images could not be read (see the 'error' records)", failed)
-    return 2 if failed else 0
+    failed = 0
+    for meta_path in meta_paths:
+        job = MetaInference(
+            scorer, meta_path, root_dir, save_dir, with_prob=with_prob, rank=rank, world_size=world_size
+        )
+        pending = job.pending(retry_failed)
+        barrier()
+        job.run(pending)
+        barrier()
+        if rank == 0:
+            output = job.finalize()
+            failed += sum("error" in line for line in read_json_lines(output))
+        barrier()
+    return failed

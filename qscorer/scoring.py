@@ -1,4 +1,4 @@
-"""Score images with a Q-Scorer checkpoint: the ``Scorer`` Python API and the ``qscorer score`` command.
+"""Score images with a Q-Scorer checkpoint: the ``Scorer`` Python API (``qscorer score`` runs it).
 
 Each image is scored with one prefill and one KV-cached step (``MPLUGOwl2LlamaForCausalLM.predict_scores``), which
 gives the numbers of the original's two full forward passes. The prompt is the original's batch-evaluation prompt
@@ -8,15 +8,10 @@ original scorer.py and ``model.score()``. Scores are clamped to [0, 5] by defaul
 
 from __future__ import annotations
 
-import csv
-import glob
-import json
 import logging
 import os
-import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -28,8 +23,6 @@ from .errors import QScorerError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-PROMPTS = ("eval", "scorer")
 
 
 @dataclass
@@ -127,23 +120,6 @@ class Scorer:
         self._setup(model, tokenizer, prompt, clamp, batch_size, num_workers)
 
     @classmethod
-    def from_cli_arguments(cls, args, **overrides) -> Scorer:
-        """A scorer from parsed command-line options (``add_model_arguments`` plus prompt, clamp, batch size and
-        workers); ``overrides`` replace any of the keyword options."""
-        options = dict(
-            device=args.device,
-            dtype=args.dtype,
-            prompt=args.prompt,
-            clamp=not args.no_clamp,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            attn_implementation=args.attn_implementation,
-            allow_unexpected_keys=args.allow_unexpected_keys,
-        )
-        options.update(overrides)
-        return cls(args.model_path, args.model_base, args.preprocessor_path, **options)
-
-    @classmethod
     def from_model(
         cls, model, tokenizer, *, prompt: str = "eval", clamp: bool = True, batch_size: int = 8, num_workers: int = 0
     ) -> Scorer:
@@ -153,10 +129,10 @@ class Scorer:
         return scorer
 
     def _setup(self, model, tokenizer, prompt: str, clamp: bool, batch_size: int, num_workers: int) -> None:
-        from .data.conversation import scoring_prompt_ids
+        from .data.conversation import SCORING_PROMPT_KINDS, scoring_prompt_ids
 
-        if prompt not in PROMPTS:
-            raise QScorerError(f"unknown prompt {prompt!r}: choose one of {list(PROMPTS)}")
+        if prompt not in SCORING_PROMPT_KINDS:
+            raise QScorerError(f"unknown prompt {prompt!r}: choose one of {list(SCORING_PROMPT_KINDS)}")
         if batch_size < 1:
             raise QScorerError(f"batch size must be at least 1, got {batch_size}")
         self.model, self.tokenizer = model, tokenizer
@@ -252,110 +228,9 @@ def score_with_two_full_passes(model, input_ids: torch.Tensor, pixel_values: tor
         return appended, model.deepmlp(hidden), second.logits[:, -1][:, score_ids], hidden
 
 
-def share_cpu_with_workers(num_workers: int, device: str | torch.device) -> None:
-    """On CPU, leave one core per DataLoader worker: torch's intra-op threads slow down several-fold when the
-    decoding workers already occupy every core. (Called by ``qscorer score`` / ``qscorer infer``.)"""
-    from .loading import resolve_device
-
-    if num_workers > 0 and resolve_device(device).type == "cpu":
-        threads = max(1, (os.cpu_count() or 1) - num_workers)
-        if threads < torch.get_num_threads():
-            logger.info("%d decoding workers: torch uses %d CPU thread(s)", num_workers, threads)
-            torch.set_num_threads(threads)
-
-
 def _as_list(images) -> list:
     if isinstance(images, torch.Tensor):
         return list(images) if images.dim() == 4 else [images]
     if isinstance(images, (str, os.PathLike, Image.Image)):
         return [images]
     return list(images)
-
-
-def expand_image_arguments(arguments: Iterable[str]) -> list[str]:
-    """Files as given, folders as their image files (sorted, not recursive), globs as their matches (sorted).
-
-    A folder without images or a glob without matches is an error naming it. Paths that do not exist are kept,
-    so that scoring reports them per image.
-    """
-    paths: list[str] = []
-    for argument in arguments:
-        if Path(argument).is_dir():
-            found = sorted(str(p) for p in Path(argument).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise QScorerError(f"folder {argument} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            paths.extend(found)
-        elif glob.has_magic(argument):
-            found = sorted(p for p in glob.glob(argument, recursive=True) if Path(p).is_file())
-            if not found:
-                raise QScorerError(f"no files match {argument}")
-            paths.extend(found)
-        else:
-            paths.append(argument)
-    return paths
-
-
-def add_model_arguments(parser) -> None:
-    """The model options shared by ``score``, ``infer`` and ``merge`` (the original's flag names)."""
-    parser.add_argument("--model-path", required=True, help="LoRA checkpoint folder, or a merged model folder")
-    parser.add_argument("--model-base", default=None, help="base model folder (mplug-owl2-llama2-7b) for LoRA")
-    parser.add_argument(
-        "--preprocessor-path", default=None, help="tokenizer / image-processor configs (default: the model folders)"
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
-    parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (fp32 on CPU, bf16 on GPU)")
-    parser.add_argument(
-        "--attn-implementation", default=None, choices=["sdpa", "eager", "flash_attention_2"], help="default: sdpa"
-    )
-    parser.add_argument(
-        "--allow-unexpected-keys", action="store_true", help="load checkpoints that carry weights the model lacks"
-    )
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("images", nargs="*", help="image files, folders or glob patterns")
-    parser.add_argument("--img_path", "--img-path", nargs="+", default=[], help="more images (the original's flag)")
-    add_model_arguments(parser)
-    parser.add_argument("--prompt", choices=PROMPTS, default="eval", help="eval (default, published) or scorer")
-    parser.add_argument("--no-clamp", action="store_true", help="do not clamp scores to [0, 5]")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers that decode images")
-    parser.add_argument("--format", choices=["text", "json", "csv"], default="text", help="default: path<TAB>score")
-
-
-def run(args) -> int:
-    paths = expand_image_arguments([*args.images, *args.img_path])
-    if not paths:
-        raise QScorerError("no images given: pass files, folders or globs")
-    share_cpu_with_workers(args.num_workers, args.device)
-    scorer = Scorer.from_cli_arguments(args)
-    results = scorer.score(paths, progress=len(paths) > args.batch_size)
-    write_results(results, args.format, sys.stdout)
-    failed = [result for result in results if result.error]
-    for result in failed:
-        print(f"qscorer score: error: {result.error}", file=sys.stderr)
-    return 2 if failed else 0
-
-
-def write_results(results: list[ImageScore], output_format: str, stream) -> None:
-    """text: ``path<TAB>score`` lines; json: one list of objects; csv: image, score, the five logits, token_id.
-
-    Failed images are left out of text and csv output and carry their ``error`` in JSON.
-    """
-    good = [result for result in results if result.error is None]
-    if output_format == "text":
-        for result in good:
-            stream.write(f"{result.image}\t{result.score!r}\n")
-    elif output_format == "json":
-        records = []
-        for result in results:
-            record = asdict(result)
-            record.pop("probs")
-            records.append({key: value for key, value in record.items() if key != "error" or value is not None})
-        json.dump(records, stream, indent=1)
-        stream.write("\n")
-    else:
-        writer = csv.writer(stream, lineterminator="\n")
-        writer.writerow(["image", "score", *SCORE_TOKENS_REPORT_ORDER, "token_id"])
-        for result in good:
-            writer.writerow([result.image, repr(result.score), *map(repr, result.logits.values()), result.token_id])

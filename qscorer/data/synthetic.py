@@ -23,7 +23,6 @@ Output folder (the ``--image_folder`` / ``--root-dir`` of the metas)::
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -577,38 +576,6 @@ def _with_level_words(record: dict) -> dict:
         {"from": "gpt", "value": ANSWER_TEMPLATE.format(LEVEL_WORDS[record["level"] - 1])},
     ]
     return copy
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``qscorer synth``."""
-    parser.add_argument("--out", required=True, type=Path, help="output folder (absent, empty or a previous synth)")
-    parser.add_argument("--num-train", type=int, default=400, help="train images (default 400)")
-    parser.add_argument("--num-test", type=int, default=100, help="test images (default 100)")
-    parser.add_argument("--image-size", type=int, default=256, help="side of the square images in px (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--distortions",
-        default=",".join(DISTORTIONS),
-        help=f"comma-separated distortions (default all: {','.join(DISTORTIONS)})",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Build the dataset and print its folder."""
-    distortions = tuple(name.strip() for name in args.distortions.split(",") if name.strip())
-    result = build_synthetic_iqa(
-        args.out,
-        num_train=args.num_train,
-        num_test=args.num_test,
-        image_size=args.image_size,
-        seed=args.seed,
-        distortions=distortions,
-    )
-    print(result["out_dir"])
-    return 0
 
 
 __all__ = [

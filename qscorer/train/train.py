@@ -1,4 +1,4 @@
-"""``qscorer train``: LoRA fine-tuning of Q-Scorer with the original's flags (the re-implementation of train_mem.py).
+"""LoRA fine-tuning of Q-Scorer with the original's flags (the re-implementation of train_mem.py).
 
 Usage (one process, or under ``torchrun`` / the ``deepspeed`` launcher with ``--no_local_rank``)::
 
@@ -13,12 +13,10 @@ Usage (one process, or under ``torchrun`` / the ``deepspeed`` launcher with ``--
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 
 from ..errors import QScorerError
-from .arguments import add_flags, arguments_from_namespace
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +38,6 @@ class TrainingRun:
     def losses(self) -> list[float]:
         """The logged training losses, in order."""
         return [entry["loss"] for entry in self.trainer.state.log_history if "loss" in entry]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``qscorer train``: every flag of the original's train_mem.py (and of TrainingArguments)."""
-    add_flags(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Train with the parsed flags; ends the process group of a distributed run before returning."""
-    import torch.distributed as dist
-
-    try:
-        train(*arguments_from_namespace(args))
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
 
 
 def _resume_checkpoint(training_args) -> str | None:

@@ -1,7 +1,8 @@
 """One command line for every job: ``qscorer <command> [options]``.
 
-Each command lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``; a module
-is imported only when its command runs, so ``qscorer --help`` stays fast.
+Each command has a module in this package with ``add_arguments(parser)`` and ``run(args) -> int``; it parses the
+options and calls the Python API (``qscorer.scoring``, ``qscorer.inference``, ...), which holds no argparse code.
+A command's module is imported only when that command runs, so ``qscorer --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ import importlib
 import logging
 import sys
 
-from .errors import QScorerError
+from ..errors import QScorerError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "score": ("qscorer.scoring", "score images, folders or globs with a Q-Scorer checkpoint"),
-    "infer": ("qscorer.inference", "batch inference over test metas (JSON lines per meta, resumable)"),
-    "eval": ("qscorer.evaluation", "SRCC / PLCC / KRCC / RMSE of predictions against ground-truth metas"),
-    "train": ("qscorer.train.train", "LoRA fine-tuning (the original's flags)"),
-    "merge": ("qscorer.export", "merge a LoRA checkpoint into a self-contained model folder"),
-    "synth": ("qscorer.data.synthetic", "build a synthetic IQA dataset from bundled photos"),
-    "demo": ("qscorer.demo", "the whole pipeline on a tiny model, on CPU, with no download"),
+    "score": ("qscorer.cli.score", "score images, folders or globs with a Q-Scorer checkpoint"),
+    "infer": ("qscorer.cli.infer", "batch inference over test metas (JSON lines per meta, resumable)"),
+    "eval": ("qscorer.cli.eval", "SRCC / PLCC / KRCC / RMSE of predictions against ground-truth metas"),
+    "train": ("qscorer.cli.train", "LoRA fine-tuning (the original's flags)"),
+    "merge": ("qscorer.cli.merge", "merge a LoRA checkpoint into a self-contained model folder"),
+    "synth": ("qscorer.cli.synth", "build a synthetic IQA dataset from bundled photos"),
+    "demo": ("qscorer.cli.demo", "the whole pipeline on a tiny model, on CPU, with no download"),
 }
 
 

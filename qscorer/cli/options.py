@@ -1,0 +1,81 @@
+"""Options shared by several commands, and the objects built from them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
+    """Where the checkpoint is and how to load it (the original's flag names); ``dtype=False`` leaves out
+    ``--dtype`` for commands that choose the loading dtype themselves."""
+    parser.add_argument("--model-path", required=True, help="LoRA checkpoint folder, or a merged model folder")
+    parser.add_argument("--model-base", default=None, help="base model folder (mplug-owl2-llama2-7b) for LoRA")
+    parser.add_argument(
+        "--preprocessor-path", default=None, help="tokenizer / image-processor configs (default: the model folders)"
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    if dtype:
+        parser.add_argument(
+            "--dtype", default="auto", help="float32, float16, bfloat16 or auto (fp32 on CPU, bf16 on GPU)"
+        )
+    parser.add_argument(
+        "--attn-implementation", default=None, choices=["sdpa", "eager", "flash_attention_2"], help="default: sdpa"
+    )
+    parser.add_argument(
+        "--allow-unexpected-keys", action="store_true", help="load checkpoints that carry weights the model lacks"
+    )
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser, *, batch_size: int, num_workers: int) -> None:
+    """How images are scored: prompt, clamping, batch size and decoding workers."""
+    from ..data.conversation import SCORING_PROMPT_KINDS
+
+    parser.add_argument(
+        "--prompt", choices=SCORING_PROMPT_KINDS, default="eval", help="eval (default, the published numbers) or scorer"
+    )
+    parser.add_argument("--no-clamp", action="store_true", help="do not clamp scores to [0, 5] (the original's CLIs)")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--num-workers", type=int, default=num_workers, help="DataLoader workers that decode images")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of ``load_pretrained_model`` (after the three paths) from :func:`add_model_arguments`."""
+    return dict(
+        device=args.device,
+        dtype=getattr(args, "dtype", "auto"),
+        attn_implementation=args.attn_implementation,
+        allow_unexpected_keys=args.allow_unexpected_keys,
+    )
+
+
+def build_scorer(args: argparse.Namespace, **overrides):
+    """A :class:`~qscorer.scoring.Scorer` from the model and scoring options; ``overrides`` replace any keyword."""
+    from ..scoring import Scorer
+
+    options = dict(
+        model_options(args),
+        prompt=args.prompt,
+        clamp=not args.no_clamp,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    options.update(overrides)
+    return Scorer(args.model_path, args.model_base, args.preprocessor_path, **options)
+
+
+def share_cpu_with_workers(num_workers: int, device: str) -> None:
+    """On CPU, leave one core per DataLoader worker: torch's intra-op threads slow down several-fold when the
+    decoding workers already occupy every core."""
+    import torch
+
+    from ..loading import resolve_device
+
+    if num_workers > 0 and resolve_device(device).type == "cpu":
+        threads = max(1, (os.cpu_count() or 1) - num_workers)
+        if threads < torch.get_num_threads():
+            logger.info("%d decoding workers: torch uses %d CPU thread(s)", num_workers, threads)
+            torch.set_num_threads(threads)
