@@ -64,15 +64,22 @@ CONFIGS = {
 
 
 def build_model(name: str, device: str, dtype: torch.dtype) -> MPLUGOwl2LlamaForCausalLM:
-    """Random weights (N(0, 0.02)) in the requested shapes; the 7B model is built on the meta device first."""
+    """Random weights (N(0, 0.02)) in the requested shapes, allocated directly in ``dtype`` on ``device`` (never a
+    float32 copy first: the 7B model would need 33 GB)."""
     config = MPLUGOwl2Config(vocab_size=32005, score_token_id=SCORE_IDS, **CONFIGS[name])
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = MPLUGOwl2LlamaForCausalLM(config)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = MPLUGOwl2LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model = model.to_empty(device=device)
-    for submodule in model.modules():
-        model._init_weights(submodule)
-    return model.to(dtype).eval()
+    with torch.no_grad():
+        for submodule in model.modules():
+            model._init_weights(submodule)
+    return model.eval()
 
 
 def _timed(function, arguments: tuple, repeats: int, device: str) -> float:

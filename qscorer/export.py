@@ -13,7 +13,9 @@ The LoRA delta is merged in float32 and the result cast to ``--torch-dtype`` onc
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -124,23 +126,34 @@ def export_model(
     remote_code: bool = True,
     max_shard_size: str = "5GB",
 ) -> Path:
-    """Save a loaded (merged) model as a self-contained folder in ``dtype``."""
+    """Save a loaded (merged) model as a self-contained folder in ``dtype``.
+
+    The folder is written under a temporary name next to ``output_dir`` and renamed at the end, so a failed export
+    leaves no half-written model behind. ``output_dir`` must be absent or empty.
+    """
     from .data.tokenization import save_tokenizer
 
     output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    model.to(dtype)
-    config = model.config
-    config.vocab_size = model.get_input_embeddings().num_embeddings
-    config._name_or_path = ""
-    if remote_code:
-        config.auto_map = dict(AUTO_MAP)
-    model.save_pretrained(output, safe_serialization=True, max_shard_size=max_shard_size)
-    save_tokenizer(tokenizer, output)
-    image_processor.save_pretrained(output)
-    if remote_code:
-        write_remote_code(output)
-    if not (output / "README.md").exists():
-        (output / "README.md").write_text(MODEL_CARD.replace("{folder}", str(output)), encoding="utf-8")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise QScorerError(f"output folder {output} is not empty")
+    partial = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        model.to(dtype)
+        config = model.config
+        config.vocab_size = model.get_input_embeddings().num_embeddings
+        config._name_or_path = ""
+        if remote_code:
+            config.auto_map = dict(AUTO_MAP)
+        model.save_pretrained(partial, safe_serialization=True, max_shard_size=max_shard_size)
+        save_tokenizer(tokenizer, partial)
+        image_processor.save_pretrained(partial)
+        if remote_code:
+            write_remote_code(partial)
+        (partial / "README.md").write_text(MODEL_CARD.replace("{folder}", str(output)), encoding="utf-8")
+        os.replace(partial, output)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     logger.info("exported %s (%s)", output, str(dtype).removeprefix("torch."))
     return output

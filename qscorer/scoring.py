@@ -93,30 +93,25 @@ class Scorer:
 
     def __init__(
         self,
-        model_path: str | os.PathLike,
+        model_path: str | os.PathLike | None = None,
         model_base: str | os.PathLike | None = None,
         preprocessor_path: str | os.PathLike | None = None,
         *,
-        device: str = "auto",
-        dtype: str = "auto",
         prompt: str = "eval",
         clamp: bool = True,
         batch_size: int = 8,
         num_workers: int = 0,
-        attn_implementation: str | None = None,
-        allow_unexpected_keys: bool = False,
+        **load_options,
     ):
+        """Load a checkpoint (folders or Hub ids; none: the published Q-Scorer) and prepare the scoring prompt.
+
+        ``load_options`` are the keyword options of :func:`qscorer.loading.load_pretrained_model`: ``device``,
+        ``dtype``, ``attn_implementation``, ``allow_unexpected_keys``, ``load_8bit``, ``load_4bit``, ``revision``,
+        ``base_revision``.
+        """
         from .loading import load_pretrained_model
 
-        tokenizer, model, _, _ = load_pretrained_model(
-            model_path,
-            model_base,
-            preprocessor_path,
-            device=device,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            allow_unexpected_keys=allow_unexpected_keys,
-        )
+        tokenizer, model, _, _ = load_pretrained_model(model_path, model_base, preprocessor_path, **load_options)
         self._setup(model, tokenizer, prompt, clamp, batch_size, num_workers)
 
     @classmethod

@@ -9,16 +9,14 @@ import torch
 from safetensors.torch import save_file
 from tiny import save_tiny_checkpoint, tiny_model
 
+from qscorer.checkpoints import checkpoint_kind, model_key, read_state_dict
 from qscorer.errors import QScorerError
 from qscorer.loading import (
-    checkpoint_kind,
+    LoraAdapter,
     load_pretrained_model,
-    merge_lora,
-    read_state_dict,
     resolve_attn_implementation,
     resolve_device,
     resolve_dtype,
-    strip_peft_prefix,
 )
 from qscorer.scoring import Scorer
 
@@ -115,7 +113,7 @@ def test_unexpected_non_lora_keys_are_refused_unless_allowed(parity_dir, tmp_pat
 
 
 def test_lora_without_base_and_base_without_head_are_explained(parity_dir, tmp_path):
-    with pytest.raises(QScorerError, match="pass the base model folder"):
+    with pytest.raises(QScorerError, match="pass its base model"):
         load_pretrained_model(parity_dir / "qscorer_lora", device="cpu")
     with pytest.raises(QScorerError, match="no Q-Scorer head"):
         load_pretrained_model(parity_dir / "base", device="cpu")
@@ -128,20 +126,16 @@ def test_pickles_are_read_weights_only(tmp_path):
 
 
 def test_peft_prefixes_are_stripped():
-    renamed = strip_peft_prefix(
-        {
-            "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight": 1,
-            "base_model.model.deepmlp.output_layer.bias": 2,
-            "lm_head.weight": 3,
-        }
+    assert model_key("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == (
+        "model.layers.0.self_attn.q_proj.weight"
     )
-    assert renamed == {"model.layers.0.self_attn.q_proj.weight": 1, "deepmlp.output_layer.bias": 2, "lm_head.weight": 3}
+    assert model_key("base_model.model.deepmlp.output_layer.bias") == "deepmlp.output_layer.bias"
+    assert model_key("lm_head.weight") == "lm_head.weight"
 
 
-def test_merge_lora_adds_scaled_product_in_float32(tmp_path):
+def test_lora_delta_is_the_scaled_product_in_float32(tmp_path):
     model = tiny_model(seed=11)
     target = "model.layers.1.self_attn.v_proj.multiway.1"
-    before = model.get_submodule(target).weight.detach().clone()
     torch.manual_seed(0)
     lora_a, lora_b = torch.randn(4, 64), torch.randn(64, 4)
     torch.save(
@@ -150,12 +144,15 @@ def test_merge_lora_adds_scaled_product_in_float32(tmp_path):
     )
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [target], "fan_in_fan_out": False}
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    assert merge_lora(model, tmp_path) == [target]
-    torch.testing.assert_close(model.get_submodule(target).weight, before + 2.0 * lora_b @ lora_a)
+    adapter = LoraAdapter.read(tmp_path)
+    adapter.check(model)
+    assert list(adapter.pairs) == [target] and adapter.scaling == 2.0
+    torch.testing.assert_close(adapter.delta(target, torch.device("cpu")), 2.0 * lora_b @ lora_a)
+    assert adapter.delta("model.layers.0.self_attn.q_proj", torch.device("cpu")) is None
     config["use_dora"] = True
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(QScorerError, match="plain LoRA"):
-        merge_lora(model, tmp_path)
+        LoraAdapter.read(tmp_path)
 
 
 def test_device_dtype_and_attention_options(caplog):

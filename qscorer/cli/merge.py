@@ -20,14 +20,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    """Load in float32 (the LoRA delta is merged there), cast once to ``--torch-dtype`` and save."""
+    """Load straight into ``--torch-dtype`` (each LoRA delta is added in float32 before that one cast) and save."""
     from ..export import export_model
     from ..loading import DTYPES, load_pretrained_model
 
     output = Path(args.output_dir)
     if output.exists() and any(output.iterdir()):
         raise QScorerError(f"output folder {output} is not empty")
-    options = dict(model_options(args), dtype="float32")
+    options = dict(model_options(args), dtype=args.torch_dtype)
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, args.preprocessor_path, **options
     )

@@ -12,20 +12,34 @@ logger = logging.getLogger(__name__)
 def add_model_arguments(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
     """Where the checkpoint is and how to load it (the original's flag names); ``dtype=False`` leaves out
     ``--dtype`` for commands that choose the loading dtype themselves."""
-    parser.add_argument("--model-path", required=True, help="LoRA checkpoint folder, or a merged model folder")
-    parser.add_argument("--model-base", default=None, help="base model folder (mplug-owl2-llama2-7b) for LoRA")
-    parser.add_argument(
+    from ..hub import PUBLISHED_BASE, PUBLISHED_MODEL
+
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model-path",
+        default=None,
+        help=f"LoRA checkpoint or merged model: a folder or a Hub id (default: {PUBLISHED_MODEL} on {PUBLISHED_BASE})",
+    )
+    group.add_argument("--model-base", default=None, help="base model of a LoRA checkpoint: a folder or a Hub id")
+    group.add_argument(
         "--preprocessor-path", default=None, help="tokenizer / image-processor configs (default: the model folders)"
     )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    group.add_argument("--revision", default=None, help="branch, tag or commit of a Hub --model-path")
+    group.add_argument("--base-revision", default=None, help="branch, tag or commit of a Hub --model-base")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     if dtype:
-        parser.add_argument(
-            "--dtype", default="auto", help="float32, float16, bfloat16 or auto (fp32 on CPU, bf16 on GPU)"
+        group.add_argument(
+            "--dtype",
+            default="auto",
+            help="float32, float16, bfloat16 or auto (fp32 on CPU, bf16 on GPU; 8/4-bit: bf16 on CPU, fp16 on GPU)",
         )
-    parser.add_argument(
+        quantization = group.add_mutually_exclusive_group()
+        quantization.add_argument("--load-8bit", action="store_true", help="LLM linear layers in 8 bits (bitsandbytes)")
+        quantization.add_argument("--load-4bit", action="store_true", help="LLM linear layers in 4 bits, NF4")
+    group.add_argument(
         "--attn-implementation", default=None, choices=["sdpa", "eager", "flash_attention_2"], help="default: sdpa"
     )
-    parser.add_argument(
+    group.add_argument(
         "--allow-unexpected-keys", action="store_true", help="load checkpoints that carry weights the model lacks"
     )
 
@@ -44,12 +58,16 @@ def add_scoring_arguments(parser: argparse.ArgumentParser, *, batch_size: int, n
 
 def model_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of ``load_pretrained_model`` (after the three paths) from :func:`add_model_arguments`."""
-    return dict(
+    options = dict(
         device=args.device,
-        dtype=getattr(args, "dtype", "auto"),
         attn_implementation=args.attn_implementation,
         allow_unexpected_keys=args.allow_unexpected_keys,
+        revision=args.revision,
+        base_revision=args.base_revision,
     )
+    if hasattr(args, "dtype"):
+        options.update(dtype=args.dtype, load_8bit=args.load_8bit, load_4bit=args.load_4bit)
+    return options
 
 
 def build_scorer(args: argparse.Namespace, **overrides):

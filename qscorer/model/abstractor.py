@@ -7,6 +7,8 @@ queries. A linear map to the LLM width and the learned ``vit_eos`` row give 65 v
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -67,16 +69,17 @@ class MplugOwlVisualAbstractorMultiHeadAttention(nn.Module):
         self.reset_position_tables()
 
     @torch.no_grad()
-    def reset_position_tables(self) -> None:
-        """Fill ``q_pos_embed`` / ``k_pos_embed`` with their fixed sin-cos values (unless loaded from a checkpoint)."""
+    def reset_position_tables(self, names: Sequence[str] = ("q_pos_embed", "k_pos_embed")) -> None:
+        """Fill the named tables among ``q_pos_embed`` / ``k_pos_embed`` with their fixed sin-cos values (a table
+        loaded from a checkpoint is left alone)."""
         tables = {
-            "q_pos_embed": sincos_1d(self.config.hidden_size, self.config.num_learnable_queries),
-            "k_pos_embed": sincos_2d_with_cls(self.config.hidden_size, self.config.grid_size),
+            "q_pos_embed": lambda: sincos_1d(self.config.hidden_size, self.config.num_learnable_queries),
+            "k_pos_embed": lambda: sincos_2d_with_cls(self.config.hidden_size, self.config.grid_size),
         }
-        for name, table in tables.items():
+        for name in names:
             buffer = getattr(self, name)
             if not getattr(buffer, "_is_hf_initialized", False):
-                buffer.copy_(table)
+                buffer.copy_(tables[name]())
 
     def _split_heads(self, hidden: torch.Tensor) -> torch.Tensor:
         batch, length, _ = hidden.shape

@@ -23,29 +23,24 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import (
+    ADAPTER_CONFIG,
+    ADAPTER_NAME,
+    ADAPTER_STEM,
+    NON_LORA_STEM,
+    PEFT_PREFIX,
+    checkpoint_key,
+    is_lora_name,
+    read_state_dict,
+    weights_file,
+    write_tensors,
+)
 from ..errors import QScorerError
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_NAME = "default"
-PEFT_PREFIX = "base_model.model."
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_STEM = "adapter_model"
-NON_LORA_STEM = "non_lora_trainables"
 ALWAYS_SAVED = ("embed_tokens.weight", "lm_head.weight")
 """Saved even when frozen (the loader restores the grown embeddings from them)."""
-
-
-def checkpoint_key(name: str) -> str:
-    """A PeftModel parameter name as the original saved it: without peft's ``.base_layer`` and adapter name."""
-    name = name.replace(".base_layer.", ".")
-    for part in ("lora_A", "lora_B"):
-        name = name.replace(f".{part}.{ADAPTER_NAME}.", f".{part}.")
-    return name
-
-
-def _is_lora(name: str) -> bool:
-    return "lora_" in name
 
 
 def split_state(model, state_dict: dict[str, torch.Tensor] | None = None):
@@ -60,7 +55,7 @@ def split_state(model, state_dict: dict[str, torch.Tensor] | None = None):
     adapter, non_lora = {}, {}
     for name, tensor in state_dict.items():
         value = tensor.detach().to("cpu", copy=True).contiguous()
-        if _is_lora(name):
+        if is_lora_name(name):
             adapter[checkpoint_key(name)] = value
         elif name in trainable or name.endswith(ALWAYS_SAVED):
             non_lora[checkpoint_key(name)] = value
@@ -95,19 +90,6 @@ def adapter_config(model, adapter: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def _write_tensors(tensors: dict[str, torch.Tensor], folder: Path, stem: str, safe_serialization: bool) -> Path:
-    suffix, stale = (".safetensors", ".bin") if safe_serialization else (".bin", ".safetensors")
-    path = folder / f"{stem}{suffix}"
-    if safe_serialization:
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    else:
-        torch.save(tensors, path)
-    (folder / f"{stem}{stale}").unlink(missing_ok=True)  # a loader would prefer a stale file of the other format
-    return path
-
-
 def save_lora_checkpoint(model, output_dir: str | os.PathLike, *, state_dict=None,
                          safe_serialization: bool = False) -> list[Path]:
     """Write a LoRA checkpoint of a PeftModel into ``output_dir`` (see the module docstring); returns the files."""
@@ -121,17 +103,10 @@ def save_lora_checkpoint(model, output_dir: str | os.PathLike, *, state_dict=Non
     config.save_pretrained(folder)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model, adapter), indent=2) + "\n")
     files = [folder / "config.json", folder / ADAPTER_CONFIG]
-    files.append(_write_tensors(adapter, folder, ADAPTER_STEM, safe_serialization))
-    files.append(_write_tensors(non_lora, folder, NON_LORA_STEM, safe_serialization))
+    files.append(write_tensors(adapter, folder, ADAPTER_STEM, safe_serialization))
+    files.append(write_tensors(non_lora, folder, NON_LORA_STEM, safe_serialization))
     logger.info("saved %d LoRA and %d non-LoRA tensors to %s", len(adapter), len(non_lora), folder)
     return files
-
-
-def _weights_file(folder: Path, stem: str) -> Path:
-    for suffix in (".safetensors", ".bin"):
-        if (folder / f"{stem}{suffix}").is_file():
-            return folder / f"{stem}{suffix}"
-    raise QScorerError(f"{folder} has no {stem}.safetensors or {stem}.bin")
 
 
 def load_lora_checkpoint(model, folder: str | os.PathLike) -> None:
@@ -141,8 +116,6 @@ def load_lora_checkpoint(model, folder: str | os.PathLike) -> None:
     ``non_lora_trainables.bin`` loads too); a tensor the model does not have, or a LoRA tensor the checkpoint lacks,
     is an error.
     """
-    from ..loading import read_state_dict
-
     folder = Path(folder)
     saved = json.loads((folder / ADAPTER_CONFIG).read_text())
     config = model.peft_config[ADAPTER_NAME]
@@ -155,7 +128,9 @@ def load_lora_checkpoint(model, folder: str | os.PathLike) -> None:
     by_key = {checkpoint_key(name): name for name in own}
     state, unexpected = {}, []
     for stem in (ADAPTER_STEM, NON_LORA_STEM):
-        path = _weights_file(folder, stem)
+        path = weights_file(folder, stem)
+        if path is None:
+            raise QScorerError(f"{folder} has no {stem}.safetensors or {stem}.bin")
         for key, tensor in read_state_dict(path).items():
             name = by_key.get(key)
             if name is None:
@@ -166,7 +141,7 @@ def load_lora_checkpoint(model, folder: str | os.PathLike) -> None:
                 state[name] = tensor
     if unexpected:
         raise QScorerError(f"{folder} has {len(unexpected)} tensors the model does not have, e.g. {unexpected[:3]}")
-    missing = sorted(name for name in own if _is_lora(name) and name not in state)
+    missing = sorted(name for name in own if is_lora_name(name) and name not in state)
     if missing:
         raise QScorerError(f"{folder} lacks LoRA tensors of the model, e.g. {missing[:3]}")
     model.load_state_dict(state, strict=False)

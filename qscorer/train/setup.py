@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import TOKENIZER_FILES, unwrap_peft
 from ..constants import SCORE_TOKENS
 from ..errors import QScorerError
 
@@ -38,7 +39,6 @@ PAIR_CONFIG_FIELDS = (
 """Training fields the original writes into config.json for pair training only (``weight_rank`` and
 ``rank_score_source`` are qscorer's)."""
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def compute_dtype(training_args) -> torch.dtype:
@@ -99,7 +99,7 @@ def build_model(model_args, data_args, training_args, tokenizer):
     if training_args.lora_enable:
         model = add_lora(model, training_args)
     set_trainable(model, training_args)
-    record_training_config(_unwrapped(model).config, data_args, training_args)
+    record_training_config(unwrap_peft(model).config, data_args, training_args)
     if dtype != torch.float32 and not training_args.deepspeed:
         # Without DeepSpeed (which keeps fp32 master weights) the optimizer would update bf16/fp16 weights directly
         # and lose small steps: trainable parameters stay float32, frozen ones use the compute dtype (autocast).
@@ -138,12 +138,6 @@ def add_lora(model, training_args):
     return model
 
 
-def _unwrapped(model):
-    """The MPLUGOwl2LlamaForCausalLM inside a PeftModel (or the model itself)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if get_base_model is not None else model
-
-
 def set_trainable(model, training_args) -> None:
     """The trainable set of facts §6.3 step 11, in the original's order.
 
@@ -157,7 +151,7 @@ def set_trainable(model, training_args) -> None:
     for name, parameter in model.named_parameters():
         if "lm_head" in name or "deepmlp" in name:
             parameter.requires_grad_(True)
-    base = _unwrapped(model)
+    base = unwrap_peft(model)
     base.model.visual_abstractor.requires_grad_(training_args.tune_visual_abstractor)
     base.model.vision_model.requires_grad_(not training_args.freeze_vision_model)
     base.config.tune_visual_abstractor = training_args.tune_visual_abstractor

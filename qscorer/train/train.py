@@ -58,6 +58,7 @@ def train(model_args, data_args, training_args) -> TrainingRun:
     """Build the model and data of the flags, train, and save the result into ``--output_dir`` (facts §6.3)."""
     from transformers import set_seed
 
+    from ..checkpoints import unwrap_peft
     from .data import build_training_data
     from .setup import build_model, load_training_tokenizer
     from .trainer import QScorerTrainer
@@ -74,7 +75,7 @@ def train(model_args, data_args, training_args) -> TrainingRun:
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
-    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    model = unwrap_peft(trainer.model)
     model.config.use_cache = True
     trainer.save_model(training_args.output_dir)
     logger.info("training finished after %d steps; saved to %s", trainer.state.global_step, training_args.output_dir)

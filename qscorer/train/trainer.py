@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ..checkpoints import ADAPTER_CONFIG, is_peft_model, unwrap_peft
 from ..model.llama import MPLUGOwl2RMSNorm
 from .objectives import BatchObjective, Objective
 from .sampler import ModalityLengthGroupedSampler
-from .saving import ADAPTER_CONFIG, load_lora_checkpoint, save_lora_checkpoint
+from .saving import load_lora_checkpoint, save_lora_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ def parameter_groups(model: nn.Module, weight_decay: float, visual_abstractor_lr
     return result
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 class QScorerTrainer(Trainer):
     """The Trainer of ``qscorer train``; ``tokenizer`` is saved with every checkpoint."""
 
@@ -79,7 +76,7 @@ class QScorerTrainer(Trainer):
         # gradient accumulation (PeftModel.forward takes **kwargs, which would make the Trainer assume otherwise).
         self.model_accepts_loss_kwargs = False
         self.tokenizer_to_save = tokenizer
-        base = self.model.get_base_model() if _is_peft(self.model) else self.model
+        base = unwrap_peft(self.model)
         self.objective = BatchObjective(Objective.from_args(self.args), base.config.score_token_id)
         self._part_sums: dict[str, float] = defaultdict(float)
         self._part_counts: dict[str, int] = defaultdict(int)
@@ -125,7 +122,7 @@ class QScorerTrainer(Trainer):
         if not self.args.should_save:
             return
         output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
-        if _is_peft(self.model):
+        if is_peft_model(self.model):
             if state_dict is not None and not state_dict:
                 logger.warning("no gathered weights to save in %s (DeepSpeed keeps its own checkpoint)", output_dir)
             else:
@@ -143,7 +140,7 @@ class QScorerTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = self.model if model is None else model
-        if _is_peft(model) and os.path.isfile(os.path.join(resume_from_checkpoint, ADAPTER_CONFIG)):
+        if is_peft_model(model) and os.path.isfile(os.path.join(resume_from_checkpoint, ADAPTER_CONFIG)):
             logger.info("resuming from the LoRA checkpoint %s", resume_from_checkpoint)
             load_lora_checkpoint(model, resume_from_checkpoint)
             return
