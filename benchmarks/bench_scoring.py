@@ -25,61 +25,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from random_weights import CONFIGS, EVAL_PROMPT_IDS, random_model
 
-from qscorer.model import MPLUGOwl2Config, MPLUGOwl2LlamaForCausalLM
 from qscorer.scoring import score_with_two_full_passes
-
-SCORE_IDS = [32004, 32003, 32002, 32001, 32000]
-PROMPT = [1, 3148, 1001, 29901, 1128, 723, 366, 6554, 278, 11029, 310, 445, 1967, 29973, 13, -200, 29871]
-PROMPT += [319, 1799, 9047, 13566, 29901, 450, 11029, 310, 278, 1967, 338]
-
-
-def _visual(vision: tuple[int, int, int, int], abstractor: tuple[int, int, int, int]) -> dict:
-    names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    return {
-        "visual_model": dict(zip(names, vision)),
-        "visual_abstractor": {**dict(zip(names, abstractor)), "encoder_hidden_size": vision[0]},
-    }
-
-
-CONFIGS = {
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        visual_config=_visual((32, 64, 2, 2), (32, 88, 2, 2)),
-        deepmlp_hidden_dims=[64, 32],
-    ),
-    "mid": dict(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        visual_config=_visual((256, 1024, 4, 4), (256, 704, 2, 4)),
-        deepmlp_hidden_dims=[512, 256],
-    ),
-    "7b": {},
-}
-
-
-def build_model(name: str, device: str, dtype: torch.dtype) -> MPLUGOwl2LlamaForCausalLM:
-    """Random weights (N(0, 0.02)) in the requested shapes, allocated directly in ``dtype`` on ``device`` (never a
-    float32 copy first: the 7B model would need 33 GB)."""
-    config = MPLUGOwl2Config(vocab_size=32005, score_token_id=SCORE_IDS, **CONFIGS[name])
-    torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = MPLUGOwl2LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for submodule in model.modules():
-            model._init_weights(submodule)
-    return model.eval()
 
 
 def _timed(function, arguments: tuple, repeats: int, device: str) -> float:
@@ -96,11 +44,11 @@ def _timed(function, arguments: tuple, repeats: int, device: str) -> float:
 
 
 def bench_prefill(name: str, device: str, dtype: torch.dtype, batch_sizes: list[int], repeats: int) -> list[dict]:
-    model = build_model(name, device, dtype)
+    model = random_model(name, dtype, device)
     rows = []
     for batch in batch_sizes:
         pixels = torch.randn(batch, 3, 448, 448, device=device, dtype=dtype)
-        input_ids = torch.tensor([PROMPT] * batch, device=device)
+        input_ids = torch.tensor([EVAL_PROMPT_IDS] * batch, device=device)
         with torch.inference_mode():
             ours = model.predict_scores(input_ids, pixels)
             _, reference, _, _ = score_with_two_full_passes(model, input_ids, pixels)

@@ -9,6 +9,8 @@ quantization. bitsandbytes runs both on CUDA and on CPU.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -67,6 +69,8 @@ def quantized_linear(
                 quant_type="nf4",
             )
     if mode == "8bit":
+        # LLM.int8() multiplies in float16 and says so at every call when the compute dtype differs.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")

@@ -3,9 +3,10 @@
 #
 #   BASE_MODEL=/models/mplug-owl2-llama2-7b scripts/merge_lora.sh checkpoints/Qscorer_lora_5_1 checkpoints/Qscorer_merged
 #
-# $1: LoRA folder, $2: output folder. Environment: BASE_MODEL (required), DTYPE (default float16), DEVICE (default
-# cpu). The merge runs in float32 (about 4 bytes of memory per parameter: ~33 GB for the 7B model), then casts.
-# Extra arguments go to `qscorer merge`.
+# $1: LoRA folder or Hub id, $2: output folder. Environment: BASE_MODEL (required; folder or Hub id), DTYPE (default
+# float16), DEVICE (default cpu). Each weight is merged in float32 and cast once to DTYPE, one tensor at a time, so
+# memory is about the model's size in DTYPE (~16.4 GB for the 7B model in float16). Extra arguments go to
+# `qscorer merge`.
 set -euo pipefail
 
 if [[ $# -lt 2 || -z "${BASE_MODEL:-}" ]]; then

@@ -179,3 +179,104 @@ def test_tiny_checkpoint_loads_in_bfloat16_with_eager_attention(tmp_path):
     assert context_len == 2048 and len(tokenizer) == model.config.vocab_size
     assert image_processor([__import__("PIL.Image").Image.new("RGB", (30, 20))]).shape == (1, 3, 448, 448)
     assert not model.training
+
+
+def _copy_base(parity_dir, target):
+    shutil.copytree(parity_dir / "base", target)
+    return target
+
+
+def _cli_error(capsys, argv):
+    from qscorer.cli import main
+
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    return error
+
+
+def test_truncated_and_missing_shards_are_named(parity_dir, parity_images_dir, tmp_path, capsys):
+    image = str(parity_images_dir / "boat.jpg")
+    base = _copy_base(parity_dir, tmp_path / "base")
+    weights = base / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    argv = ["score", image, "--model-path", str(parity_dir / "qscorer_lora"), "--model-base", str(base)]
+    assert f"cannot read {weights}" in _cli_error(capsys, [*argv, "--device", "cpu"])
+
+    sharded = _copy_base(parity_dir, tmp_path / "sharded")
+    state = torch.load(sharded / "pytorch_model.bin", weights_only=True)
+    (sharded / "pytorch_model.bin").unlink()
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    torch.save({name: state[name] for name in halves["pytorch_model-00001-of-00002.bin"]},
+               sharded / "pytorch_model-00001-of-00002.bin")
+    weight_map = {name: shard for shard, keys in halves.items() for name in keys}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    error = _cli_error(capsys, ["score", image, "--model-path", str(parity_dir / "qscorer_lora"), "--model-base",
+                                str(sharded), "--device", "cpu"])
+    assert "names shard pytorch_model-00002-of-00002.bin, which is missing" in error
+
+
+def test_sharded_base_loads_like_the_single_file(parity_dir, golden_dir, parity_images_dir, tmp_path):
+    sharded = _copy_base(parity_dir, tmp_path / "sharded")
+    state = torch.load(sharded / "pytorch_model.bin", weights_only=True)
+    (sharded / "pytorch_model.bin").unlink()
+    weight_map = {}
+    for index, names in enumerate((sorted(state)[::2], sorted(state)[1::2]), start=1):
+        shard = f"pytorch_model-0000{index}-of-00002.bin"
+        torch.save({name: state[name] for name in names}, sharded / shard)
+        weight_map.update(dict.fromkeys(names, shard))
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    scorer = Scorer(parity_dir / "qscorer_lora", sharded, device="cpu", dtype="float32", prompt="scorer", clamp=False)
+    _assert_scores_match(scorer, parity_images_dir, _scorer_golden(golden_dir))
+
+
+def test_adapter_that_does_not_fit_the_base_is_named(parity_dir, parity_images_dir, tmp_path, capsys):
+    lora = _copy_lora(parity_dir, tmp_path / "lora")
+    adapter = torch.load(lora / "adapter_model.bin", weights_only=True)
+    key = next(key for key in adapter if key.endswith("lora_A.weight"))
+    adapter[key] = torch.zeros(adapter[key].shape[0], 96)
+    torch.save(adapter, lora / "adapter_model.bin")
+    error = _cli_error(capsys, ["score", str(parity_images_dir / "boat.jpg"), "--model-path", str(lora),
+                                "--model-base", str(parity_dir / "base"), "--device", "cpu"])
+    assert str(lora / "adapter_model.bin") in error and "another base model" in error
+
+
+def test_full_dump_non_lora_weights_are_read_instead_of_the_base(parity_dir, tmp_path):
+    _, model, _, _ = load_pretrained_model(parity_dir / "qscorer_lora", parity_dir / "base", device="cpu",
+                                           dtype="float32")
+    report = model.load_report
+    base = torch.load(parity_dir / "base" / "pytorch_model.bin", weights_only=True)
+    tables = [value for key, value in base.items() if key.endswith("_pos_embed")]
+    assert len(tables) == 4  # the abstractor's buffers: the full-dump non_lora file holds parameters only
+    assert report.bytes_read[str(parity_dir / "base" / "pytorch_model.bin")] == sum(
+        tensor.numel() * tensor.element_size() for tensor in tables)
+    non_lora = torch.load(parity_dir / "qscorer_lora" / "non_lora_trainables.bin", weights_only=True)
+    assert report.bytes_read[str(parity_dir / "qscorer_lora" / "non_lora_trainables.bin")] == sum(
+        tensor.numel() * tensor.element_size() for tensor in non_lora.values())
+    small = {key: value for key, value in non_lora.items() if "deepmlp" in key or "lm_head" in key}
+    lora = _copy_lora(parity_dir, tmp_path / "small")
+    torch.save(small, lora / "non_lora_trainables.bin")
+    _, model, _, _ = load_pretrained_model(lora, parity_dir / "base", device="cpu", dtype="float32")
+    base_bytes = model.load_report.bytes_read[str(parity_dir / "base" / "pytorch_model.bin")]
+    lm_head = next(value for key, value in small.items() if "lm_head" in key)
+    used = [value for key, value in base.items() if "lm_head" not in key and "rotary_emb" not in key]
+    assert base_bytes == sum(tensor.numel() * tensor.element_size() for tensor in used)
+    torch.testing.assert_close(model.lm_head.weight, lm_head.float(), rtol=0, atol=0)
+
+
+def test_failed_merge_leaves_no_output(parity_dir, tmp_path, capsys, monkeypatch):
+    from qscorer import export
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "write_remote_code", fail)
+    out = tmp_path / "merged"
+    argv = ["merge", "--model-path", str(parity_dir / "qscorer_lora"), "--model-base", str(parity_dir / "base"),
+            "--output-dir", str(out), "--torch-dtype", "float32"]
+    from qscorer.cli import main
+
+    with pytest.raises(OSError, match="disk full"):
+        main(argv)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []

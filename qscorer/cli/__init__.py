@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # bitsandbytes (the quant extra) warns at import, on CPUs with AVX512-BF16, that an optional kernel download
+    # failed; it falls back to its own kernel, so the warning is only noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return importlib.import_module(COMMANDS[args.command][0]).run(args)
     except QScorerError as error:

@@ -74,7 +74,8 @@ def load_training_tokenizer(model_args, training_args):
 
 
 def build_model(model_args, data_args, training_args, tokenizer):
-    """The model ready for the Trainer: a ``PeftModel`` with ``--lora_enable``, else the plain model."""
+    """The model ready for the Trainer: the base model of ``--model_name_or_path`` in the compute dtype with the
+    score tokens, prepared by :func:`prepare_for_training`."""
     from ..data.tokenization import score_token_ids
     from ..loading import resolve_attn_implementation
     from ..model import MPLUGOwl2LlamaForCausalLM
@@ -91,6 +92,12 @@ def build_model(model_args, data_args, training_args, tokenizer):
             f"the tokenizer of {model_args.model_name_or_path} has {len(tokenizer)} tokens with the score tokens but "
             f"the model's vocabulary has {model.config.vocab_size} rows"
         )
+    return prepare_for_training(model, model_args, data_args, training_args)
+
+
+def prepare_for_training(model, model_args, data_args, training_args):
+    """Cache off, input grads for gradient checkpointing, LoRA (``--lora_enable``: a ``PeftModel`` is returned), the
+    trainable set, the training fields in the config, and float32 trainable weights without DeepSpeed."""
     model.config.use_cache = False
     if model_args.freeze_backbone:
         model.model.requires_grad_(False)
@@ -100,6 +107,7 @@ def build_model(model_args, data_args, training_args, tokenizer):
         model = add_lora(model, training_args)
     set_trainable(model, training_args)
     record_training_config(unwrap_peft(model).config, data_args, training_args)
+    dtype = compute_dtype(training_args)
     if dtype != torch.float32 and not training_args.deepspeed:
         # Without DeepSpeed (which keeps fp32 master weights) the optimizer would update bf16/fp16 weights directly
         # and lose small steps: trainable parameters stay float32, frozen ones use the compute dtype (autocast).
@@ -108,7 +116,7 @@ def build_model(model_args, data_args, training_args, tokenizer):
                 parameter.data = parameter.data.float()
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     total = sum(parameter.numel() for parameter in model.parameters())
-    logger.info("model built: %d of %d parameters trainable (%s, %s attention)", trainable, total, dtype, attention)
+    logger.info("model prepared: %d of %d parameters trainable (%s)", trainable, total, dtype)
     return model
 
 
