@@ -2,7 +2,9 @@
 
 1. ``prefill``: qscorer's scoring (one prefill + one KV-cached step) against the original procedure (two full
    forward passes), on the same random-weight model and images, side by side in one run. Goal: time ratio <= 0.55.
-2. ``workers``: images/s of batch inference (``qscorer infer`` internals) with 0 vs 2 DataLoader workers decoding
+2. ``splice``: placing the 65 visual rows of each image into a batch of 32 sequences (7B width, labels and
+   mask), qscorer's scatter against the previous per-row loop (kept here as the reference).
+3. ``workers``: images/s of batch inference (``qscorer infer`` internals) with 0 vs 2 DataLoader workers decoding
    the images. Goal: >= 1.7x.
 
 CPU (this machine):   python benchmarks/bench_scoring.py
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from random_weights import CONFIGS, EVAL_PROMPT_IDS, random_model
 
@@ -111,6 +114,65 @@ def bench_workers(num_images: int, batch_size: int, image_size: tuple[int, int] 
         return result
 
 
+def splice_per_row(input_ids, text_embeds, features, labels, attention_mask):
+    """The previous splice, for comparison: each row's text pieces and visual rows concatenated in a Python loop,
+    then padded and stacked (one placeholder per row here)."""
+    rows = []
+    for row in range(input_ids.shape[0]):
+        at = int((input_ids[row] == -200).nonzero()[0])
+        visual = features[row]
+        ones = torch.ones(visual.shape[0], dtype=torch.long)
+        rows.append(
+            (
+                torch.cat([text_embeds[row, :at], visual, text_embeds[row, at + 1 :]]),
+                torch.cat(
+                    [
+                        torch.zeros(at, dtype=torch.long),
+                        ones,
+                        torch.zeros(input_ids.shape[1] - at - 1, dtype=torch.long),
+                    ]
+                ),
+                torch.cat([labels[row, :at], torch.full_like(ones, -100), labels[row, at + 1 :]]),
+                torch.cat([attention_mask[row, :at].bool(), ones.bool(), attention_mask[row, at + 1 :].bool()]),
+            )
+        )
+    longest = max(row[0].shape[0] for row in rows)
+    return [
+        torch.stack(
+            [F.pad(row[part], (0, 0) * (row[part].dim() - 1) + (0, longest - row[part].shape[0])) for row in rows]
+        )
+        for part in range(4)
+    ]
+
+
+def bench_splice(batch: int = 32, width: int = 4096, repeats: int = 20) -> dict:
+    """The splice alone: qscorer's scatter vs the per-row loop, on the same inputs (results compared)."""
+    from qscorer.model.modeling import splice_image_features
+
+    torch.manual_seed(0)
+    input_ids = torch.tensor([EVAL_PROMPT_IDS] * batch)
+    text = torch.randn(batch, input_ids.shape[1], width)
+    features = torch.randn(batch, 65, width)
+    labels = torch.full_like(input_ids, -100)
+    mask = torch.ones_like(input_ids)
+    ours = splice_image_features(input_ids, text, features, labels, mask)
+    reference = splice_per_row(input_ids, text, features, labels, mask)
+    assert torch.equal(ours.inputs_embeds, reference[0]) and torch.equal(ours.modality_indicators, reference[1])
+    timings = {}
+    for name, function in (("scatter", splice_image_features), ("per_row_loop", splice_per_row)):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            function(input_ids, text, features, labels, mask)
+        timings[name] = (time.perf_counter() - start) / repeats
+    return {
+        "batch": batch,
+        "width": width,
+        "scatter_ms": round(timings["scatter"] * 1000, 2),
+        "per_row_loop_ms": round(timings["per_row_loop"] * 1000, 2),
+        "ratio": round(timings["scatter"] / timings["per_row_loop"], 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=sorted(CONFIGS))
@@ -138,6 +200,7 @@ def measure(args, dtype: torch.dtype) -> dict:
             for row in bench_prefill(name, args.device, dtype, args.batch_sizes, args.repeats)
         ],
         "goal_ratio": 0.55,
+        "splice": bench_splice(),
     }
     if not args.skip_workers:
         report["workers"] = [

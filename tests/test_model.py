@@ -395,3 +395,38 @@ def test_model_code_does_not_touch_transformers_llama():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_splice_places_rows_like_concatenation():
+    from qscorer.model.modeling import splice_image_features
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, -200, 6, -200, 7], [8, 9, -200, 10, 0], [11, 12, 13, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    labels = torch.tensor([[-100, -100, 6, -100, 7], [-100, -100, -100, 10, -100], [-100, 12, 13, -100, -100]])
+    text = torch.randn(3, 5, 4)
+    features = torch.randn(4, 2, 4)  # three placeholders, plus the image the text-only row takes and ignores
+    spliced = splice_image_features(ids, text, features, labels, mask)
+    image_of = {(0, 1): 0, (0, 3): 1, (1, 2): 2}
+    for row in range(3):
+        embeds, indicators, row_labels, row_mask = [], [], [], []
+        for column in range(5):
+            if (row, column) in image_of:
+                embeds += list(features[image_of[row, column]])
+                indicators += [1, 1]
+                row_labels += [-100, -100]
+                row_mask += [True, True]
+            else:
+                embeds.append(text[row, column])
+                indicators.append(0)
+                row_labels.append(int(labels[row, column]))
+                row_mask.append(bool(mask[row, column]))
+        padding = 7 - len(embeds)
+        torch.testing.assert_close(spliced.inputs_embeds[row], torch.stack(embeds + [torch.zeros(4)] * padding))
+        assert spliced.modality_indicators[row].tolist() == indicators + [0] * padding
+        assert spliced.labels[row].tolist() == row_labels + [-100] * padding
+        assert spliced.attention_mask[row].tolist() == row_mask + [False] * padding
+    unmasked = splice_image_features(ids[:2], text[:2], features[:3], None, None)
+    assert unmasked.attention_mask.tolist() == [[True] * 7, [True] * 6 + [False]]
+    with pytest.raises(ValueError, match="5 images for 3 image placeholders"):
+        splice_image_features(ids, text, torch.randn(5, 2, 4), None, None)

@@ -228,6 +228,67 @@ def _select_rows(value, rows: list[int]):
     return value
 
 
+def splice_image_features(
+    input_ids: torch.Tensor,
+    text_embeds: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+) -> MultimodalInputs:
+    """Place each image's visual rows (``features`` [N, 65, width], in batch order) where its -200 placeholder is in
+    ``input_ids`` [B, L], and the text embeddings [B, L, width] around them; labels, mask and modality indicators
+    follow. One scatter per tensor, no loop over rows. See ``prepare_multimodal_inputs`` for the conventions.
+    """
+    is_placeholder = input_ids == IMAGE_TOKEN_INDEX
+    batch, length = input_ids.shape
+    visual_rows = features.shape[1]
+    placeholders = is_placeholder.sum(dim=1)
+    total = int(placeholders.sum())
+    consumed = placeholders
+    if features.shape[0] != total:
+        if features.shape[0] != total + int((placeholders == 0).sum()):
+            raise ValueError(f"{features.shape[0]} images for {total} image placeholders in the batch")
+        consumed = placeholders.clamp(min=1)  # text-only rows take an image they do not use
+
+    earlier = is_placeholder.long().cumsum(dim=1) - is_placeholder.long()  # placeholders before each position
+    position = torch.arange(length, device=input_ids.device) + earlier * (visual_rows - 1)
+    lengths = length + placeholders * (visual_rows - 1)
+    longest = int(lengths.max())
+    device = input_ids.device
+
+    text_rows, text_columns = (~is_placeholder).nonzero(as_tuple=True)
+    text_index = (text_rows, position[text_rows, text_columns])
+    image_rows, image_columns = is_placeholder.nonzero(as_tuple=True)
+    first_image_of_row = consumed.cumsum(dim=0) - consumed
+    image_numbers = first_image_of_row[image_rows] + earlier[image_rows, image_columns]
+    offsets = torch.arange(visual_rows, device=device)
+    visual_index = (
+        image_rows[:, None].expand(-1, visual_rows),
+        position[image_rows, image_columns][:, None] + offsets,
+    )
+
+    def placed(text_values: torch.Tensor, visual_value, fill, dtype) -> torch.Tensor:
+        shape = (batch, longest, *text_values.shape[2:])
+        result = torch.full(shape, fill, dtype=dtype, device=device).index_put(
+            text_index, text_values[text_rows, text_columns].to(dtype)
+        )
+        return result.index_put(visual_index, visual_value)
+
+    inputs_embeds = placed(text_embeds, features[image_numbers], 0.0, text_embeds.dtype)
+    indicators = placed(torch.zeros_like(input_ids), torch.ones((), dtype=torch.long, device=device), 0, torch.long)
+    new_labels = None
+    if labels is not None:
+        no_label = torch.tensor(IGNORE_INDEX, dtype=labels.dtype, device=device)
+        new_labels = placed(labels.to(device), no_label, IGNORE_INDEX, labels.dtype)
+    if attention_mask is not None:
+        mask = placed(attention_mask.to(device), torch.ones((), dtype=torch.bool, device=device), False, torch.bool)
+    elif bool((lengths != longest).any()):
+        mask = torch.arange(longest, device=device)[None, :] < lengths[:, None]
+    else:
+        mask = None
+    return MultimodalInputs(inputs_embeds, indicators, mask, new_labels)
+
+
 class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
     """mPLUG-Owl2 causal LM with Q-Scorer's ``deepmlp`` regression head.
 
@@ -304,7 +365,7 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         labels: torch.Tensor | None,
         images,
     ) -> MultimodalInputs:
-        """Embed the text and splice each image's 65 visual rows in place of its -200 placeholder (facts §2.3).
+        """Embed the text and splice each image's 65 visual rows in place of its -200 placeholder.
 
         Images are consumed in order, one per placeholder, across the whole batch. When the batch carries one
         image per text-only sample as well (the original's training convention), each text-only sample consumes
@@ -320,63 +381,7 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
             return MultimodalInputs(text_embeds, indicators, attention_mask, labels)
 
         features = self.model.encode_images(_flatten_images(images)).to(text_embeds.device, text_embeds.dtype)
-        placeholders_per_row = is_placeholder.sum(dim=1).tolist()
-        total_placeholders = sum(placeholders_per_row)
-        text_only_rows_take_an_image = features.shape[0] == total_placeholders + placeholders_per_row.count(0)
-        if features.shape[0] != total_placeholders and not text_only_rows_take_an_image:
-            raise ValueError(f"{features.shape[0]} images for {total_placeholders} image placeholders in the batch")
-
-        rows, image_index = [], 0
-        for row in range(input_ids.shape[0]):
-            pieces = {"embeds": [], "indicators": [], "labels": [], "mask": []}
-            positions = is_placeholder[row].nonzero().flatten().tolist()
-            starts, ends = [0] + [p + 1 for p in positions], positions + [input_ids.shape[1]]
-            for segment, (start, end) in enumerate(zip(starts, ends)):
-                pieces["embeds"].append(text_embeds[row, start:end])
-                pieces["indicators"].append(torch.zeros(end - start, dtype=torch.long, device=input_ids.device))
-                if labels is not None:
-                    pieces["labels"].append(labels[row, start:end])
-                if attention_mask is not None:
-                    pieces["mask"].append(attention_mask[row, start:end].bool())
-                if segment < len(positions):
-                    visual = features[image_index]
-                    image_index += 1
-                    count = visual.shape[0]
-                    pieces["embeds"].append(visual)
-                    pieces["indicators"].append(torch.ones(count, dtype=torch.long, device=input_ids.device))
-                    if labels is not None:
-                        pieces["labels"].append(torch.full((count,), IGNORE_INDEX, device=input_ids.device))
-                    if attention_mask is not None:
-                        pieces["mask"].append(torch.ones(count, dtype=torch.bool, device=input_ids.device))
-            if not positions and text_only_rows_take_an_image:
-                pieces["embeds"].append(features[image_index][:0])
-                image_index += 1
-            rows.append({key: torch.cat(value) if value else None for key, value in pieces.items()})
-        return self._pad_rows(rows, labels is not None)
-
-    @staticmethod
-    def _pad_rows(rows: list[dict], with_labels: bool) -> MultimodalInputs:
-        """Stack the spliced rows, right-padding them to the longest; a mask is made when lengths differ."""
-        lengths = [row["embeds"].shape[0] for row in rows]
-        longest = max(lengths)
-        if rows[0]["mask"] is None and len(set(lengths)) > 1:
-            for row, length in zip(rows, lengths):
-                row["mask"] = torch.ones(length, dtype=torch.bool, device=row["embeds"].device)
-
-        def stacked(key: str, fill) -> torch.Tensor:
-            padded = []
-            for row in rows:
-                tensor = row[key]
-                padding = (0, 0) * (tensor.dim() - 1) + (0, longest - tensor.shape[0])
-                padded.append(F.pad(tensor, padding, value=fill))
-            return torch.stack(padded)
-
-        return MultimodalInputs(
-            inputs_embeds=stacked("embeds", 0.0),
-            modality_indicators=stacked("indicators", 0),
-            attention_mask=stacked("mask", False) if rows[0]["mask"] is not None else None,
-            labels=stacked("labels", IGNORE_INDEX) if with_labels else None,
-        )
+        return splice_image_features(input_ids, text_embeds, features, labels, attention_mask)
 
     def forward(
         self,
