@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .constants import SCORE_TOKENS_REPORT_ORDER
 from .errors import QScorerError
+from .model.configuration import SCORE_RANGE
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class Scorer:
         if pixel_values.dim() == 3:
             pixel_values = pixel_values[None]
         scores = self._predict(pixel_values).scores.float()
-        return scores.clamp(0.0, 5.0) if self.clamp else scores
+        return scores.clamp(*SCORE_RANGE) if self.clamp else scores
 
     def __call__(self, images) -> list[float]:
         """Scores of one image or a list of images; an unreadable image raises ``QScorerError``."""
@@ -197,7 +198,7 @@ class Scorer:
         """The ``ImageScore`` of row ``row`` of a ``predict`` result (clamped if ``clamp``)."""
         score = float(prediction.scores[row].float())
         if self.clamp:
-            score = min(max(score, 0.0), 5.0)
+            score = min(max(score, SCORE_RANGE[0]), SCORE_RANGE[1])
         logits = prediction.score_token_logits[row].tolist()
         probs = prediction.score_token_probs[row].tolist()
         return ImageScore(

@@ -13,7 +13,7 @@ from qscorer.data import score_token_ids
 from qscorer.data.datasets import SingleCollator, SingleDataset
 from qscorer.model import MPLUGOwl2Config, MPLUGOwl2LlamaForCausalLM
 from qscorer.train.arguments import parse_arguments
-from qscorer.train.objectives import BatchObjective, Objective
+from qscorer.train.objectives import BatchObjective
 from qscorer.train.saving import load_lora_checkpoint
 from qscorer.train.setup import build_model, load_training_tokenizer, lora_target_modules
 
@@ -92,7 +92,7 @@ def test_training_fields_are_written_into_the_config(tmp_path):
     assert (config.image_aspect_ratio, config.image_grid_pinpoints) == ("pad", None)
     assert config.tune_visual_abstractor is True and config.freeze_vision_model is False
     assert config.visual_abstractor_lr == 1e-4
-    assert not hasattr(config, "continuous_rating_loss")
+    assert config.continuous_rating_loss is None  # pair-loss settings are recorded for pair training only
 
     pair, _ = _build(tmp_path, "--dataset_type", "pair", "--closeset_rating_loss", "True", "--weight_in_level", "0.5")
     pair_config = pair.get_base_model().config
@@ -133,7 +133,7 @@ def test_original_lora_checkpoint_gives_the_original_training_loss(parity_dir, g
     dataset = SingleDataset([golden_dir / "train_meta.json"], tokenizer, image_folder=parity_images_dir,
                             image_aspect_ratio="pad", template="v1")
     batch = SingleCollator.from_tokenizer(tokenizer, 2048)([dataset[index] for index in range(3)])
-    objective = BatchObjective(Objective(weight_next_token=0.05), model.get_base_model().config.score_token_id)
+    objective = BatchObjective(model.get_base_model().config)
     with torch.no_grad():
         output = model(**{key: batch[key] for key in ("input_ids", "attention_mask", "labels", "images", "gt_scores")})
         assert output.loss_ce.item() == pytest.approx(golden["loss_ce"], rel=1e-5)

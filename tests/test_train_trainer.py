@@ -7,9 +7,10 @@ from test_train_support import synthetic_data, training_argv
 
 from qscorer.data.losses import continuous_rating_loss, in_level_loss, score_and_std, soft_label_kl_loss
 from qscorer.errors import QScorerError
+from qscorer.model.modeling import TASK_INPUTS as MODEL_INPUTS
 from qscorer.train.arguments import parse_arguments
 from qscorer.train.data import build_training_data
-from qscorer.train.objectives import MODEL_INPUTS, BatchObjective, Objective
+from qscorer.train.objectives import BatchObjective
 from qscorer.train.sampler import (
     ModalityLengthGroupedSampler,
     modality_length_grouped_indices,
@@ -126,7 +127,7 @@ def test_single_batches_go_through_the_models_dispatcher(tmp_path):
     model, dataset, collator, args = _setup(tmp_path, "--weight_next_token", "0.05")
     model.eval()
     batch = _batch(dataset, collator)
-    objective = BatchObjective(Objective.from_args(args), model.get_base_model().config.score_token_id)
+    objective = BatchObjective(model.get_base_model().config)
     with torch.no_grad():
         result = objective(model, batch)
         expected = model(**{key: batch[key] for key in MODEL_INPUTS}).loss
@@ -140,7 +141,7 @@ def test_soft_label_and_in_level_terms_are_read_at_the_score_positions(tmp_path)
     batch = _batch(dataset, collator)
     ids = model.get_base_model().config.score_token_id
     with torch.no_grad():
-        result = BatchObjective(Objective.from_args(args), ids)(model, batch)
+        result = BatchObjective(model.get_base_model().config)(model, batch)
         output = model(**{key: batch[key] for key in MODEL_INPUTS})
     positions = output.score_positions
     assert positions[:, 0].tolist() == [0, 1, 2]
@@ -165,7 +166,7 @@ def test_pair_batches_add_the_ranking_loss_between_the_halves(tmp_path):
     assert batch["input_type"] == "pair"
     ids = model.get_base_model().config.score_token_id
     with torch.no_grad():
-        result = BatchObjective(Objective.from_args(args), ids)(model, batch)
+        result = BatchObjective(model.get_base_model().config)(model, batch)
         halves = {}
         for half in ("A", "B"):
             output = model(**{key: batch[f"item_{half}"][key] for key in MODEL_INPUTS})
@@ -183,7 +184,7 @@ def test_pair_items_must_be_score_records(tmp_path):
     batch = _batch(dataset, collator, rows=(0, 1))
     batch["item_A"]["task_types"] = ["score", "description"]
     with pytest.raises(QScorerError, match="score records only"):
-        BatchObjective(Objective.from_args(args), model.get_base_model().config.score_token_id)(model, batch)
+        BatchObjective(model.get_base_model().config)(model, batch)
 
 
 def test_soft_labels_are_validated(tmp_path):

@@ -12,6 +12,33 @@ from transformers import PretrainedConfig
 
 DEFAULT_DEEPMLP_HIDDEN_DIMS = [2048, 1024]
 
+SCORE_RANGE = (0.0, 5.0)
+"""The head's predictions are clamped to this range in the training loss and (by default) when scoring."""
+
+OBJECTIVE_DEFAULTS = {
+    "weight_desp": 1.0,
+    "weight_next_token": 1.0,
+    "weight_rank": 1.0,
+    "weight_soft_kl": 0.0,
+    "weight_in_level": 0.0,
+    "soft_kl_closed_set": False,
+    "continuous_rating_loss": True,
+    "binary_rating_loss": "fidelity",
+    "closeset_rating_loss": False,
+    "use_fix_std": True,
+    "detach_pred_std": False,
+    "rank_score_source": "tokens",
+}
+"""The training objective's settings and the value each takes when a config does not record it (the training flags
+start from these values too). A batch's loss is ``weight_desp`` x the loss of its description records +
+``weight_next_token`` x the loss of its score records (each = cross-entropy + the head's squared error), plus, on
+score records, ``weight_soft_kl`` x the soft-label KL (over the five score tokens with ``soft_kl_closed_set``, else
+DeQA's full-vocabulary form) and ``weight_in_level`` x DeQA's in-level loss; pair batches add ``weight_rank`` x a
+ranking loss between the halves (Thurstone fidelity with ``continuous_rating_loss``, else ``binary_rating_loss``
+"bce" / "fidelity"; scores from the five score tokens only with ``closeset_rating_loss``; unit stds with
+``use_fix_std``, else predicted ones, detached with ``detach_pred_std``; ``rank_score_source`` "tokens" (expected
+level) or "head")."""
+
 
 class MplugOwlVisionConfig(PretrainedConfig):
     """ViT-L/14 vision encoder at 448 px (1024 patches + CLS).
@@ -96,6 +123,13 @@ class MPLUGOwl2Config(PretrainedConfig):
 
     Q-Scorer fields: ``score_token_id`` (the score token ids, ``<score5>`` first), ``score_tokens`` (the token
     strings, ``<score1>`` first) and ``deepmlp_hidden_dims`` (hidden widths of the regression head).
+
+    Training fields, written by ``qscorer train`` (the original's names; None = not recorded, and only recorded
+    fields reach config.json, as in the original): the objective's settings of :data:`OBJECTIVE_DEFAULTS`
+    (:meth:`objective` resolves them); ``image_aspect_ratio`` ("pad": images padded to a square before the CLIP
+    preprocessing, "square": fed as they are) and ``image_grid_pinpoints`` (unused, always None) of the training
+    data; ``tune_visual_abstractor`` / ``freeze_vision_model`` (which visual parts were trained) and
+    ``visual_abstractor_lr`` (the abstractor's learning rate, None = the global one).
     """
 
     model_type = "mplug_owl2"
@@ -127,6 +161,23 @@ class MPLUGOwl2Config(PretrainedConfig):
         score_token_id: list[int] | None = None,
         score_tokens: list[str] | None = None,
         deepmlp_hidden_dims: list[int] | None = None,
+        weight_desp: float | None = None,
+        weight_next_token: float | None = None,
+        weight_rank: float | None = None,
+        weight_soft_kl: float | None = None,
+        weight_in_level: float | None = None,
+        soft_kl_closed_set: bool | None = None,
+        continuous_rating_loss: bool | None = None,
+        binary_rating_loss: str | None = None,
+        closeset_rating_loss: bool | None = None,
+        use_fix_std: bool | None = None,
+        detach_pred_std: bool | None = None,
+        rank_score_source: str | None = None,
+        image_aspect_ratio: str | None = None,
+        image_grid_pinpoints: list | None = None,
+        tune_visual_abstractor: bool | None = None,
+        freeze_vision_model: bool | None = None,
+        visual_abstractor_lr: float | None = None,
         **kwargs: Any,
     ):
         self.vocab_size = vocab_size
@@ -157,6 +208,23 @@ class MPLUGOwl2Config(PretrainedConfig):
         self.deepmlp_hidden_dims = list(
             DEFAULT_DEEPMLP_HIDDEN_DIMS if deepmlp_hidden_dims is None else deepmlp_hidden_dims
         )
+        self.weight_desp = weight_desp
+        self.weight_next_token = weight_next_token
+        self.weight_rank = weight_rank
+        self.weight_soft_kl = weight_soft_kl
+        self.weight_in_level = weight_in_level
+        self.soft_kl_closed_set = soft_kl_closed_set
+        self.continuous_rating_loss = continuous_rating_loss
+        self.binary_rating_loss = binary_rating_loss
+        self.closeset_rating_loss = closeset_rating_loss
+        self.use_fix_std = use_fix_std
+        self.detach_pred_std = detach_pred_std
+        self.rank_score_source = rank_score_source
+        self.image_aspect_ratio = image_aspect_ratio
+        self.image_grid_pinpoints = image_grid_pinpoints
+        self.tune_visual_abstractor = tune_visual_abstractor
+        self.freeze_vision_model = freeze_vision_model
+        self.visual_abstractor_lr = visual_abstractor_lr
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -171,6 +239,11 @@ class MPLUGOwl2Config(PretrainedConfig):
         output.pop("rope_parameters", None)
         output["rope_scaling"] = None
         return output
+
+    def objective(self, name: str):
+        """The objective setting ``name`` (a key of :data:`OBJECTIVE_DEFAULTS`): recorded, else its default."""
+        value = getattr(self, name)
+        return OBJECTIVE_DEFAULTS[name] if value is None else value
 
     @property
     def vision_config(self) -> MplugOwlVisionConfig:

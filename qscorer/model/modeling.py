@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .abstractor import MplugOwlVisualAbstractorModel, MplugOwlVisualAbstractorMultiHeadAttention
-from .configuration import MPLUGOwl2Config
+from .configuration import SCORE_RANGE, MPLUGOwl2Config
 from .head import DeepMLP
 from .llama import (
     KeyValue,
@@ -33,8 +33,10 @@ from .vision import MplugOwlVisionEmbeddings, MplugOwlVisionModel
 
 logger = logging.getLogger(__name__)
 
-SCORE_RANGE = (0.0, 5.0)
-"""Training clamps the head's prediction to this range before the squared error (facts §3.4)."""
+TASK_WEIGHTS = {"description": "weight_desp", "score": "weight_next_token"}
+"""The training records' task types, and the config setting that weights each one's loss."""
+TASK_INPUTS = ("input_ids", "attention_mask", "labels", "images", "gt_scores")
+"""The batch keys that are split by row between the task types."""
 
 
 @dataclass
@@ -66,11 +68,15 @@ class QScorerCausalLMOutput(ModelOutput):
 
 @dataclass
 class QScorerTaskOutput(ModelOutput):
-    """Output of the task-type dispatcher (``input_type="single"``): the weighted loss and its unweighted parts."""
+    """Output of the task-type dispatcher (``input_type="single"``): the weighted loss, its unweighted parts, and
+    the forward output of the score records (``score_rows``: their rows in the batch), whose logits and score
+    positions the trainer's extra terms read."""
 
     loss: torch.Tensor | None = None
     loss_description: torch.Tensor | None = None
     loss_score: torch.Tensor | None = None
+    score_rows: list[int] | None = None
+    score_output: QScorerCausalLMOutput | None = None
 
 
 @dataclass
@@ -220,12 +226,26 @@ def _flatten_images(images) -> torch.Tensor:
     return torch.cat([image.reshape(-1, *image.shape[-3:]) for image in images], dim=0)
 
 
+def task_subsets(task_types: Sequence[str], batch: dict) -> list[tuple[str, list[int], dict]]:
+    """``(task, rows, sub-batch)`` for each task type present in ``task_types`` (one per row), in
+    :data:`TASK_WEIGHTS` order; the sub-batch holds the :data:`TASK_INPUTS` of those rows."""
+    unknown = sorted(set(task_types) - set(TASK_WEIGHTS))
+    if unknown:
+        raise ValueError(f"unknown task_types {unknown}: expected one of {list(TASK_WEIGHTS)}")
+    subsets = []
+    for task in TASK_WEIGHTS:
+        rows = [row for row, task_type in enumerate(task_types) if task_type == task]
+        if rows:
+            subsets.append(
+                (task, rows, {key: _select_rows(batch[key], rows) for key in TASK_INPUTS if batch.get(key) is not None})
+            )
+    return subsets
+
+
 def _select_rows(value, rows: list[int]):
     if isinstance(value, torch.Tensor):
         return value[torch.tensor(rows, device=value.device)]
-    if isinstance(value, (list, tuple)):
-        return [value[row] for row in rows]
-    return value
+    return [value[row] for row in rows]
 
 
 def splice_image_features(
@@ -422,7 +442,8 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         raise ValueError(f"unknown input_type {input_type!r}: expected None or 'single'")
 
     def forward_task_types(self, task_types: Sequence[str] | None, **batch) -> QScorerTaskOutput:
-        """Training dispatcher: loss = weight_desp * loss("description" rows) + weight_next_token * loss("score" rows).
+        """Training dispatcher: loss = weight_desp * loss("description" rows) + weight_next_token * loss("score" rows),
+        the weights from the config (:meth:`MPLUGOwl2Config.objective`).
 
         Each part is the full ``forward_mlp`` loss of its rows. A task type absent from this process's batch simply
         contributes nothing here. (The original all-gathered the counts and dropped a task type on EVERY rank when
@@ -431,27 +452,21 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         """
         if task_types is None:
             raise ValueError("input_type='single' needs task_types (one per row)")
-        unknown = sorted(set(task_types) - {"description", "score"})
-        if unknown:
-            raise ValueError(f"unknown task_types {unknown}: expected 'description' or 'score'")
-        weights = {
-            "description": getattr(self.config, "weight_desp", 1.0),
-            "score": getattr(self.config, "weight_next_token", 1.0),
-        }
-        total, parts = None, {}
-        for task, weight in weights.items():
-            rows = [index for index, task_type in enumerate(task_types) if task_type == task]
-            if not rows:
-                continue
-            subset = {
-                key: _select_rows(value, rows)
-                if key in ("input_ids", "attention_mask", "labels", "images", "gt_scores")
-                else value
-                for key, value in batch.items()
-            }
-            parts[task] = self.forward_mlp(**subset).loss
-            total = weight * parts[task] if total is None else total + weight * parts[task]
-        return QScorerTaskOutput(loss=total, loss_description=parts.get("description"), loss_score=parts.get("score"))
+        total, losses, score_rows, score_output = None, {}, None, None
+        for task, rows, subset in task_subsets(task_types, batch):
+            output = self.forward_mlp(**subset)
+            losses[task] = output.loss
+            weighted = self.config.objective(TASK_WEIGHTS[task]) * output.loss
+            total = weighted if total is None else total + weighted
+            if task == "score":
+                score_rows, score_output = rows, output
+        return QScorerTaskOutput(
+            loss=total,
+            loss_description=losses.get("description"),
+            loss_score=losses.get("score"),
+            score_rows=score_rows,
+            score_output=score_output,
+        )
 
     def forward_mlp(
         self,

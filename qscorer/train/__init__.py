@@ -21,7 +21,6 @@ _LAZY = {
     "write_base_model": "setup",
     "build_training_data": "data",
     "BatchObjective": "objectives",
-    "Objective": "objectives",
     "ModalityLengthGroupedSampler": "sampler",
     "QScorerTrainer": "trainer",
     "parameter_groups": "trainer",

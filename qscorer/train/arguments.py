@@ -18,6 +18,7 @@ from pathlib import Path
 import transformers
 
 from ..errors import QScorerError
+from ..model.configuration import OBJECTIVE_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -119,23 +120,34 @@ class TrainingArguments(transformers.TrainingArguments):
         warmup_ratio: float | None = field(
             default=None, metadata=_help("the original's warmup ratio; transformers 5 takes it as --warmup_steps < 1")
         )
-    weight_desp: float = field(default=1.0, metadata=_help("weight of the loss of description records"))
-    weight_next_token: float = field(default=1.0, metadata=_help("weight of the loss of score records"))
+    weight_desp: float = field(
+        default=OBJECTIVE_DEFAULTS["weight_desp"], metadata=_help("weight of the loss of description records")
+    )
+    weight_next_token: float = field(
+        default=OBJECTIVE_DEFAULTS["weight_next_token"], metadata=_help("weight of the loss of score records")
+    )
     weight_in_level: float | None = field(
         default=None, metadata=_help("weight of DeQA's in-level loss (mass outside the score tokens); None = off")
     )
     continuous_rating_loss: bool = field(
-        default=True, metadata=_help("pair ranking loss: Thurstone fidelity against soft preferences (else binary)")
+        default=OBJECTIVE_DEFAULTS["continuous_rating_loss"],
+        metadata=_help("pair ranking loss: Thurstone fidelity against soft preferences (else binary)"),
     )
     binary_rating_loss: str = field(
-        default="fidelity", metadata=_help("binary ranking loss kind", choices=list(BINARY_RATING_KINDS))
+        default=OBJECTIVE_DEFAULTS["binary_rating_loss"],
+        metadata=_help("binary ranking loss kind", choices=list(BINARY_RATING_KINDS)),
     )
     closeset_rating_loss: bool = field(
-        default=False,
+        default=OBJECTIVE_DEFAULTS["closeset_rating_loss"],
         metadata=_help("ranking scores from the softmax over the five score tokens only (else the full vocabulary)"),
     )
-    use_fix_std: bool = field(default=True, metadata=_help("ranking loss with unit stds instead of predicted ones"))
-    detach_pred_std: bool = field(default=False, metadata=_help("no gradient through the predicted stds"))
+    use_fix_std: bool = field(
+        default=OBJECTIVE_DEFAULTS["use_fix_std"],
+        metadata=_help("ranking loss with unit stds instead of predicted ones"),
+    )
+    detach_pred_std: bool = field(
+        default=OBJECTIVE_DEFAULTS["detach_pred_std"], metadata=_help("no gradient through the predicted stds")
+    )
     tune_visual_abstractor: bool = field(default=False, metadata=_help("train the visual abstractor"))
     freeze_vision_model: bool = field(default=True, metadata=_help("keep the vision encoder frozen"))
     model_max_length: int = field(default=512, metadata=_help("longest sequence, image rows included"))
@@ -161,16 +173,19 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False,
         metadata=_help("write adapter_model / non_lora_trainables as .safetensors (the original loader reads .bin)"),
     )
-    weight_rank: float = field(default=1.0, metadata=_help("(qscorer) weight of the pair ranking loss"))
+    weight_rank: float = field(
+        default=OBJECTIVE_DEFAULTS["weight_rank"], metadata=_help("(qscorer) weight of the pair ranking loss")
+    )
     weight_soft_kl: float = field(
-        default=0.0, metadata=_help("(qscorer) weight of the soft-label KL at the score position; 0 = off")
+        default=OBJECTIVE_DEFAULTS["weight_soft_kl"],
+        metadata=_help("(qscorer) weight of the soft-label KL at the score position; 0 = off"),
     )
     soft_kl_closed_set: bool = field(
-        default=False,
+        default=OBJECTIVE_DEFAULTS["soft_kl_closed_set"],
         metadata=_help("(qscorer) soft-label KL over the five score tokens only (else DeQA's full-vocabulary form)"),
     )
     rank_score_source: str = field(
-        default="tokens",
+        default=OBJECTIVE_DEFAULTS["rank_score_source"],
         metadata=_help("(qscorer) the ranking loss compares the expected score of the score-token distribution "
                        "(tokens) or the regression head's output (head)", choices=list(RANK_SCORE_SOURCES)),
     )
@@ -200,11 +215,6 @@ class TrainingArguments(transformers.TrainingArguments):
             logger.info("distributed launch without CUDA: training on CPU (use_cpu=True, gloo)")
             self.use_cpu = True
         super().__post_init__()
-
-    @property
-    def in_level_weight(self) -> float:
-        """``weight_in_level`` with None meaning 0."""
-        return 0.0 if self.weight_in_level is None else float(self.weight_in_level)
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
@@ -321,7 +331,7 @@ def _training_problems(args: TrainingArguments) -> list[str]:
         "--weight_next_token": args.weight_next_token,
         "--weight_rank": args.weight_rank,
         "--weight_soft_kl": args.weight_soft_kl,
-        "--weight_in_level": args.in_level_weight,
+        "--weight_in_level": args.weight_in_level or 0.0,
     }
     problems += [f"{name} {value} must be >= 0" for name, value in weights.items() if value < 0]
     if args.remove_unused_columns:

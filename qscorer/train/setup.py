@@ -168,13 +168,17 @@ def set_trainable(model, training_args) -> None:
 
 
 def record_training_config(config, data_args, training_args) -> None:
-    """Write the training fields into the model config (facts §6.3 step 10); pair-only fields for pair training."""
+    """Write the training fields into the model config, as the original did: the task weights and the image
+    settings always, the pair-loss settings for pair training; qscorer's soft-label KL and in-level weights when
+    set. The batch objective reads its settings from there."""
     if data_args.dataset_type == "pair":
         for name in PAIR_CONFIG_FIELDS:
             setattr(config, name, getattr(training_args, name))
     if training_args.weight_soft_kl:
         config.weight_soft_kl = training_args.weight_soft_kl
         config.soft_kl_closed_set = training_args.soft_kl_closed_set
+    if training_args.weight_in_level is not None:
+        config.weight_in_level = training_args.weight_in_level
     config.weight_desp = training_args.weight_desp
     config.weight_next_token = training_args.weight_next_token
     config.image_aspect_ratio = data_args.image_aspect_ratio

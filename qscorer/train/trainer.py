@@ -24,7 +24,7 @@ from transformers import Trainer
 
 from ..checkpoints import ADAPTER_CONFIG, is_peft_model, unwrap_peft
 from ..model.llama import MPLUGOwl2RMSNorm
-from .objectives import BatchObjective, Objective
+from .objectives import BatchObjective
 from .sampler import ModalityLengthGroupedSampler
 from .saving import load_lora_checkpoint, save_lora_checkpoint
 
@@ -77,7 +77,7 @@ class QScorerTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.tokenizer_to_save = tokenizer
         base = unwrap_peft(self.model)
-        self.objective = BatchObjective(Objective.from_args(self.args), base.config.score_token_id)
+        self.objective = BatchObjective(base.config)
         self._part_sums: dict[str, float] = defaultdict(float)
         self._part_counts: dict[str, int] = defaultdict(int)
 
