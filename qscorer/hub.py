@@ -44,9 +44,9 @@ def offline() -> bool:
     """Offline mode, from ``HF_HUB_OFFLINE`` (read at call time) or huggingface_hub's own setting."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE:
         return True
-    import huggingface_hub
+    from huggingface_hub import constants
 
-    return huggingface_hub.is_offline_mode()
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def locate(location: str | os.PathLike, revision: str | None = None) -> Path:

@@ -358,8 +358,10 @@ def build_model(
             )
         raise QScorerError(f"the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:5]}")
 
-    from .quantization import is_quantized, quantized_linear
+    from .quantization import is_quantized, limit_heap_fragmentation, quantized_linear
 
+    if quantization is not None and device.type == "cpu":
+        limit_heap_fragmentation()
     computed_keys: list[str] = []
     with torch.no_grad():
         for module_name, module in list(model.named_modules()):

@@ -9,7 +9,8 @@ quantization. bitsandbytes runs both on CUDA and on CPU.
 
 from __future__ import annotations
 
-import warnings
+import ctypes
+import logging
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ INT8_THRESHOLD = 6.0
 """LLM.int8() outlier threshold (transformers' default for ``load_in_8bit``, which the original used)."""
 QUANTIZED_PREFIX = "model.layers."
 """Linear layers under this module path are quantized."""
+MALLOC_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter M_MMAP_THRESHOLD."""
 
 
 def quantization_mode(load_8bit: bool, load_4bit: bool) -> str | None:
@@ -37,6 +40,34 @@ def bitsandbytes():
     except ImportError as error:
         raise QScorerError("8-bit / 4-bit loading needs bitsandbytes: pip install 'qscorer[quant]'") from error
     return bitsandbytes
+
+
+def limit_heap_fragmentation() -> None:
+    """On glibc, serve allocations above 4 MiB with mmap, so that they go back to the system when freed.
+
+    Quantizing, and bitsandbytes' CPU kernels (4-bit repacks each weight on its first call), allocate many
+    short-lived tensors of a few MiB; from glibc's heap they leave it fragmented (measured: about 0.4 bytes per
+    quantized parameter kept after the first forward). This is a process-wide allocator setting; elsewhere it is a
+    no-op.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(MALLOC_MMAP_THRESHOLD, 4 * 1024 * 1024)
+
+
+class _Int8CastNotice(logging.Filter):
+    """LLM.int8() multiplies in float16 and logs so at every call when the compute dtype differs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_int8_cast_notice() -> None:
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(existing, _Int8CastNotice) for existing in logger.filters):
+        logger.addFilter(_Int8CastNotice())
 
 
 def is_quantized(name: str, module: nn.Module) -> bool:
@@ -69,8 +100,7 @@ def quantized_linear(
                 quant_type="nf4",
             )
     if mode == "8bit":
-        # LLM.int8() multiplies in float16 and says so at every call when the compute dtype differs.
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
+        _quiet_int8_cast_notice()
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")

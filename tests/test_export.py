@@ -48,7 +48,9 @@ def test_remote_code_imports_are_flat_and_complete():
     for module, name in REMOTE_CODE_MODULES.items():
         source = flat_module_source(module)
         assert "from .." not in source and "import qscorer" not in source and "from qscorer" not in source, name
-    assert "from .configuration_mplug_owl2 import MPLUGOwl2Config" in flat_module_source("qscorer.model.modeling")
+    assert "from .configuration_mplug_owl2 import SCORE_RANGE, MPLUGOwl2Config" in flat_module_source(
+        "qscorer.model.modeling"
+    )
     assert "from .image import" in flat_module_source("qscorer.model.modeling")
 
 

@@ -112,9 +112,10 @@ def test_only_the_needed_files_are_fetched():
 
 def test_online_fetch_downloads_only_what_loading_needs(tmp_path, monkeypatch, parity_dir):
     import huggingface_hub
+    from huggingface_hub import constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     calls = {}
 
