@@ -306,5 +306,6 @@ class ImageProcessor:
         """Write ``preprocessor_config.json`` (loadable by transformers' ``CLIPImageProcessor`` too)."""
         path = Path(folder) / PROCESSOR_CONFIG_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(PROCESSOR_CONFIG, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        text = json.dumps(PROCESSOR_CONFIG, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        path.write_text(text, encoding="utf-8")
         return [str(path)]
