@@ -31,7 +31,7 @@ import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 from scipy.stats import kendalltau, pearsonr, spearmanr
 
-from .data.records import read_json_records
+from .data.records import finite_number, read_json_records
 from .errors import QScorerError
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,11 @@ def pair_by_id(
     _check_same_ids(predictions, ground_truth, pred_name, gt_name)
 
     mos = {}
-    for record_id, record in ground_truth.items():
-        mos[record_id] = _finite_number(record.get("gt_score"))
-        if mos[record_id] is None:
-            raise QScorerError(f"{gt_name}: record {record_id}: gt_score {record.get('gt_score')!r} is not a number")
+    for index, record in enumerate(gt_records, 1):
+        mos[record["id"]] = finite_number(record.get("gt_score"))
+        if mos[record["id"]] is None:
+            raise QScorerError(f"{gt_name}: record {index} (id {record['id']!r}): gt_score "
+                               f"{record.get('gt_score')!r} is not a finite number")
 
     excluded = {record_id: reason for record_id, record in predictions.items() if (reason := _failure(record))}
     if excluded:
@@ -115,7 +116,7 @@ def pair_by_id(
     _warn_on_gt_disagreement(predictions, mos, ids, pred_name, gt_name)
     return PairedScores(
         ids=ids,
-        predictions=np.array([_finite_number(predictions[record_id]["score"]) for record_id in ids]),
+        predictions=np.array([finite_number(predictions[record_id]["score"]) for record_id in ids]),
         mos=np.array([mos[record_id] for record_id in ids]),
         excluded=excluded,
     )
@@ -155,7 +156,7 @@ def _failure(record: dict[str, Any]) -> str | None:
         return _shorten(f"error: {record['error']}")
     if "score" not in record:
         return "no score"
-    if _finite_number(record["score"]) is None:
+    if finite_number(record["score"]) is None:
         return _shorten(f"score {record['score']!r} is not a finite number")
     return None
 
@@ -164,7 +165,7 @@ def _warn_on_gt_disagreement(predictions: dict, mos: dict, ids: list, pred_name:
     """Prediction files repeat gt_score; a disagreement hints that they were made from another version of the meta."""
     differing = []
     for record_id in ids:
-        copied = _finite_number(predictions[record_id].get("gt_score"))
+        copied = finite_number(predictions[record_id].get("gt_score"))
         if copied is not None and not math.isclose(copied, mos[record_id], rel_tol=1e-6, abs_tol=1e-9):
             differing.append(f"{record_id} ({copied} vs {mos[record_id]})")
     if differing:
@@ -175,17 +176,6 @@ def _warn_on_gt_disagreement(predictions: dict, mos: dict, ids: list, pred_name:
             len(differing),
             _list_items(differing),
         )
-
-
-def _finite_number(value: Any) -> float | None:
-    """``value`` (a JSON number or numeric string, not a bool) as a finite float, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        number = float(value)
-    except (ValueError, OverflowError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _list_items(items: Sequence[Any]) -> str:
@@ -380,7 +370,8 @@ def write_results(results: dict[str, dict[str, Any]], path: str | Path) -> None:
     elif suffix == ".csv":
         text = _format_csv(results)
     else:
-        text = json.dumps({name: _json_safe(metrics) for name, metrics in results.items()}, indent=2) + "\n"
+        strict = {name: _json_safe(metrics) for name, metrics in results.items()}
+        text = json.dumps(strict, indent=2, allow_nan=False) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
@@ -407,8 +398,9 @@ def _format_csv(results: dict[str, dict[str, Any]]) -> str:
 
 
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
-    """NaN (undefined correlations) becomes null, since JSON has no NaN."""
-    return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in metrics.items()}
+    """NaN (undefined correlations) and infinities become null, since JSON has neither."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in metrics.items()}
 
 
 def save_scatter_plot(evaluation: Evaluation, path: str | Path) -> None:

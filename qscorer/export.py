@@ -36,6 +36,7 @@ REMOTE_CODE_MODULES = {
     "qscorer.model.llama": "llama",
     "qscorer.model.head": "head",
     "qscorer.data.image": "image",
+    "qscorer.data.resample": "resample",
     "qscorer.data.tokenization": "tokenization",
     "qscorer.data.conversation": "conversation",
     "qscorer.constants": "constants",

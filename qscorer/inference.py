@@ -2,7 +2,9 @@
 
 For each meta file, ``<save-dir>/<meta file name>`` receives one JSON line per record, in meta order:
 ``{"id", "image", "gt_score", "logits": {"<score5>": .., .., "<score1>": ..}, "score"}`` (+ ``"probs"`` with
-``--with-prob``). An image that cannot be read gives ``{"id", "image", "gt_score", "error"}`` and the run goes on.
+``--with-prob``). An image that cannot be read, or whose score or logits are not finite, gives ``{"id", "image",
+"gt_score", "error"}`` and the run goes on. Every line is strict JSON (no NaN or Infinity); an empty meta gives an
+empty output file.
 
 Work in progress lives in part files (``.<name>.part<rank>``), appended and flushed batch by batch; when a meta is
 done, they are merged into the output in meta order and removed. A rerun skips every record already in the output
@@ -21,7 +23,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data.records import read_json_records
+from .data.records import finite_number, read_json_records
 from .errors import QScorerError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ class TestRecord:
 def load_test_records(meta_path: str | os.PathLike) -> list[TestRecord]:
     """Records of a test meta (JSON list or JSON lines); each needs "image" (or "img_path"); "id" defaults to it.
 
-    Errors name the file and the record index; ids must be unique.
+    Errors name the file and the record index; ids must be unique; "gt_score", when present and not null, must be a
+    finite number (or a numeric string). An empty meta (``[]`` or an empty file) has no records.
     """
     records, seen = [], {}
     for index, raw in enumerate(read_json_records(meta_path)):
@@ -56,10 +59,10 @@ def load_test_records(meta_path: str | os.PathLike) -> list[TestRecord]:
         seen[record_id] = index
         gt_score = raw.get("gt_score")
         if gt_score is not None:
-            try:
-                gt_score = float(gt_score)
-            except (TypeError, ValueError) as error:
-                raise QScorerError(f"{where}: gt_score {gt_score!r} is not a number") from error
+            number = finite_number(gt_score)
+            if number is None:
+                raise QScorerError(f"{where}: gt_score {gt_score!r} is not a finite number")
+            gt_score = number
         records.append(TestRecord(index, record_id, image, gt_score))
     return records
 
@@ -147,7 +150,7 @@ class MetaInference:
                 for index in indices:
                     row = good.index(index) if index in good else None
                     line = self._line(pending[index], prediction, row, errors.get(index))
-                    part.write(json.dumps(line) + "\n")
+                    part.write(json.dumps(line, allow_nan=False) + "\n")
                 part.flush()
                 os.fsync(part.fileno())
                 progress.update(len(indices))
@@ -156,11 +159,13 @@ class MetaInference:
 
     def _line(self, record: TestRecord, prediction, row: int | None, error: str | None) -> dict:
         line = {"id": record.id, "image": record.image, "gt_score": record.gt_score}
+        if error is None:
+            result = self.scorer.image_score(record.image, prediction, row)
+            error = result.error
         if error is not None:
             logger.error("%s", error)
             line["error"] = error
             return line
-        result = self.scorer.image_score(record.image, prediction, row)
         line["logits"] = result.logits
         line["score"] = result.score
         if self.with_prob:
@@ -177,10 +182,13 @@ class MetaInference:
         missing = [record.id for record in records if record.id not in done]
         if missing:
             raise QScorerError(f"{self.output}: {len(missing)} records were not scored, e.g. {missing[:3]}")
+        if not records:
+            logger.warning("%s has no records: writing an empty %s", self.meta_path, self.output)
+        self.output.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.output.with_name(f".{self.output.name}.tmp")
         with open(temporary, "w", encoding="utf-8") as handle:
             for record in records:
-                handle.write(json.dumps(done[record.id]) + "\n")
+                handle.write(json.dumps(done[record.id], allow_nan=False) + "\n")
         os.replace(temporary, self.output)
         for path in self._part_files():
             path.unlink()

@@ -9,6 +9,7 @@ original scorer.py and ``model.score()``. Scores are clamped to [0, 5] by defaul
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ImageScore:
-    """One image's result; ``error`` is set (and the rest None) when the image could not be read."""
+    """One image's result; ``error`` is set (and the rest None) when the image could not be read or scored."""
 
     image: str
     score: float | None = None
@@ -172,7 +173,8 @@ class Scorer:
     def score(self, images, *, progress: bool = False) -> list[ImageScore]:
         """Per-image results (score, the five score-token logits and probabilities, the appended token).
 
-        Images that cannot be read get an ``ImageScore`` with ``error`` set; the others are still scored.
+        Images that cannot be read (or score as NaN / infinity) get an ``ImageScore`` with ``error`` set; the others
+        are still scored.
         """
         sources = _as_list(images)
         loader = DataLoader(
@@ -195,12 +197,20 @@ class Scorer:
         return results
 
     def image_score(self, name: str, prediction, row: int) -> ImageScore:
-        """The ``ImageScore`` of row ``row`` of a ``predict`` result (clamped if ``clamp``)."""
+        """The ``ImageScore`` of row ``row`` of a ``predict`` result (clamped if ``clamp``).
+
+        A score, logit or probability that is NaN or infinite (a broken checkpoint, an overflow in float16) makes it
+        a failure naming the image: no non-finite number is ever reported or written.
+        """
         score = float(prediction.scores[row].float())
-        if self.clamp:
-            score = min(max(score, SCORE_RANGE[0]), SCORE_RANGE[1])
         logits = prediction.score_token_logits[row].tolist()
         probs = prediction.score_token_probs[row].tolist()
+        non_finite = _first_non_finite(score, logits, probs)
+        if non_finite is not None:
+            return ImageScore(image=name, error=f"{name}: the model gave a non-finite {non_finite}; check the "
+                                                "checkpoint and the dtype")
+        if self.clamp:
+            score = min(max(score, SCORE_RANGE[0]), SCORE_RANGE[1])
         return ImageScore(
             image=name,
             score=score,
@@ -208,6 +218,13 @@ class Scorer:
             probs=dict(zip(SCORE_TOKENS_REPORT_ORDER, probs)),
             token_id=int(prediction.token_ids[row]),
         )
+
+
+def _first_non_finite(score: float, logits: list[float], probs: list[float]) -> str | None:
+    """"<what> (<value>)" for the first NaN or infinite number of a result, or None when all are finite."""
+    named = [("score", score), *(("score-token logit", value) for value in logits),
+             *(("score-token probability", value) for value in probs)]
+    return next((f"{what} ({value})" for what, value in named if not math.isfinite(value)), None)
 
 
 def score_with_two_full_passes(model, input_ids: torch.Tensor, pixel_values: torch.Tensor):

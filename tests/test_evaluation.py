@@ -283,7 +283,7 @@ def test_pairs_follow_ground_truth_order_and_accept_numeric_strings():
     scores = pair_by_id(preds, gt)
     assert scores.ids == ["b", "a", "c"]
     assert scores.predictions.tolist() == [2.0, 3.0, 0.5] and scores.mos.tolist() == [2.5, 4.0, 1.0]
-    with pytest.raises(QScorerError, match="gt.json: record a: gt_score 'high' is not a number"):
+    with pytest.raises(QScorerError, match=r"gt.json: record 2 \(id 'a'\): gt_score 'high' is not a finite number"):
         pair_by_id(preds, [*gt[:1], {"id": "a", "gt_score": "high"}, gt[2]], gt_name="gt.json")
 
 

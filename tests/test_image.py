@@ -1,13 +1,17 @@
 """Image preprocessing (facts §5): RGB conversion, square padding, CLIP pixel values, files and videos."""
 
+import io
 import json
+import struct
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
+from hostile import bomb_png, line_png, png_bytes
 from PIL import Image
 
 from qscorer.constants import CLIP_MEAN, CLIP_STD, IMAGE_BACKGROUND
@@ -64,9 +68,11 @@ def test_padding_colour(golden_dir):
     assert values[0, :, 224, 224].tolist() == pytest.approx(_normalised((255, 0, 0)), abs=1e-6)
 
 
-@pytest.mark.parametrize("size", [(448, 448), (449, 450), (640, 360), (300, 500), (1001, 333), (37, 91)])
+@pytest.mark.parametrize("size", [(448, 448), (449, 450), (640, 360), (300, 500), (1001, 333), (37, 91), (60, 1000),
+                                  (1000, 60)])
 @pytest.mark.parametrize("aspect", ["pad", "square"])
 def test_equals_transformers_clip_processor(parity_dir, size, aspect):
+    # 60 x 1000 and 1000 x 60 are resized without their padded square / full-size intermediate (resample.py).
     pixels = np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     image = Image.fromarray(pixels)
     reference = _clip_processor(parity_dir / "base")(
@@ -159,6 +165,69 @@ def test_unreadable_files_are_named(tmp_path):
     with pytest.raises(UnreadableImageError, match="cut.jpg"):
         load_image(tmp_path / "cut.jpg")
     assert issubclass(UnreadableImageError, QScorerError)
+
+
+def test_decompression_bombs_are_refused_per_image(tmp_path, monkeypatch):
+    (tmp_path / "bomb.png").write_bytes(bomb_png())  # 48 KB, 20000 x 20000: PIL raises DecompressionBombError
+    with pytest.raises(UnreadableImageError, match=r"bomb.png is refused as a possible decompression bomb"):
+        load_image(tmp_path / "bomb.png")
+    # 10000 x 10000 = 1e8 pixels: above PIL's limit (89478485) but below twice it, where PIL only warns.
+    (tmp_path / "large.png").write_bytes(png_bytes(10000, 10000, bit_depth=1, rows=b""))
+    filters = list(warnings.filters)
+    with pytest.warns(Image.DecompressionBombWarning):
+        with pytest.raises(UnreadableImageError, match=r"large.png has 10000 x 10000 = 100000000 pixels, more than "
+                           r"PIL's decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS = 89478485"):
+            load_image(tmp_path / "large.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a process that turns warnings into errors gets the same per-image error
+        with pytest.raises(UnreadableImageError, match="large.png is refused as a possible decompression bomb"):
+            load_image(tmp_path / "large.png")
+    assert warnings.filters == filters and Image.MAX_IMAGE_PIXELS == 89478485  # global state untouched
+    Image.new("RGB", (20, 20)).save(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 399)  # the user's limit is the one that applies
+    refused = "20 x 20 = 400 pixels, more than .* = 399"
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(UnreadableImageError, match=refused):
+        load_image(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert load_image(tmp_path / "small.png").size == (20, 20)
+
+
+def test_any_decoding_failure_is_an_unreadable_image(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    assert load_image(io.BytesIO(data), name="upload #3").size == (64, 64)
+    with pytest.raises(UnreadableImageError, match=r"cannot read image upload #3: UnidentifiedImageError"):
+        load_image(io.BytesIO(b""), name="upload #3")
+    with pytest.raises(UnreadableImageError, match=r"cannot read image .*folder: IsADirectoryError"):
+        load_image(tmp_path.joinpath("folder").mkdir() or tmp_path / "folder")
+
+    def struct_error(*args, **kwargs):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(Image, "open", struct_error)  # decoders raise more than OSError on hostile files
+    with pytest.raises(UnreadableImageError, match=r"whole.png: error: unpack requires a buffer of 4 bytes"):
+        load_image(tmp_path / "whole.png")
+
+
+def test_in_memory_images_that_cannot_be_used(tmp_path):
+    with pytest.raises(UnreadableImageError, match="cannot use an empty RGB image of 0 x 5 pixels"):
+        process_images(Image.new("RGB", (0, 5)))
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    with Image.open(tmp_path / "cut.png") as lazy:  # opened, not decoded: decoding fails inside process_images
+        with pytest.raises(UnreadableImageError, match="cannot read a RGB image of 64 x 64 pixels: OSError"):
+            process_images(lazy)
+
+
+def test_extreme_shapes_are_padded_without_the_square(tmp_path):
+    # 1 x 100000: the original pads to a 100000 x 100000 square (40 GB in PIL) and resizes it to 448: one column in
+    # a filter window 900 pixels wide moves no output pixel by more than one grey level. Here the same pixels come
+    # from the column alone (bit-exactness against PIL's canvas is in test_resample.py, on smaller canvases).
+    (tmp_path / "column.png").write_bytes(line_png(1, 100000))
+    values = process_images(load_image(tmp_path / "column.png"))[0].double()
+    background = torch.tensor(_normalised(IMAGE_BACKGROUND), dtype=torch.float64)[:, None, None]
+    one_level = 1 / 255 / torch.tensor(CLIP_STD, dtype=torch.float64)[:, None, None]
+    assert values.shape == (3, 448, 448) and ((values - background).abs() <= one_level + 1e-6).all()
 
 
 def test_process_images_batches_and_validates():

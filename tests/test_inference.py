@@ -136,7 +136,7 @@ def test_meta_validation_names_the_file_and_record(tmp_path):
     with pytest.raises(QScorerError, match="id 'a' repeats record 0"):
         load_test_records(meta)
     meta.write_text('{"image": "x.png", "gt_score": "high"}\n')
-    with pytest.raises(QScorerError, match="gt_score 'high' is not a number"):
+    with pytest.raises(QScorerError, match="record 0: gt_score 'high' is not a finite number"):
         load_test_records(meta)
     meta.write_text('{"img_path": "x.png"}\n')
     assert load_test_records(meta)[0].id == "x.png"

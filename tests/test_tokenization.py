@@ -159,15 +159,16 @@ def test_tokenizer_loaded_elsewhere_uses_its_own_tokenizer_model(llama_tokenizer
     assert scoring_prompt_ids(plain, "eval") == golden_tokens["iqa_eval_prompt_ids"]
 
 
-@pytest.mark.parametrize("module", ["tokenization", "conversation", "image"])
+@pytest.mark.parametrize("module", ["tokenization", "conversation", "image", "resample"])
 def test_remote_code_modules_import_only_allowed_packages(module):
     """These modules are shipped with the remote-code model: no other qscorer imports than constants and errors."""
-    allowed = {"__future__", "collections", "dataclasses", "functools", "json", "logging", "os", "re", "pathlib",
-               "numpy", "PIL", "torch", "transformers", "sentencepiece"}
+    allowed = {"__future__", "collections", "dataclasses", "functools", "itertools", "json", "logging", "os", "re",
+               "pathlib", "typing", "numpy", "PIL", "torch", "transformers", "sentencepiece"}
+    shipped_siblings = {("conversation", "tokenization"), ("image", "resample")}
     tree = ast.parse((REPO / "qscorer" / "data" / f"{module}.py").read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 1:  # a sibling that is shipped too
-            assert module == "conversation" and node.module == "tokenization", ast.dump(node)
+            assert (module, node.module) in shipped_siblings, ast.dump(node)
         elif isinstance(node, ast.ImportFrom) and node.level:
             assert node.level == 2 and node.module in ("constants", "errors"), ast.dump(node)
         elif isinstance(node, ast.ImportFrom):

@@ -1,6 +1,8 @@
 """The Trainer's parts (facts §6.7): modality-length grouped sampler, optimizer parameter groups, the batch
 objective (dispatcher, soft-label KL, in-level, pair ranking) and its gradients."""
 
+import json
+
 import pytest
 import torch
 from test_train_support import synthetic_data, training_argv
@@ -84,6 +86,21 @@ def test_trainer_uses_the_grouped_sampler_with_world_times_accumulation(tmp_path
     assert isinstance(sampler, ModalityLengthGroupedSampler)
     assert (sampler.batch_size, sampler.world_size, sampler.seed) == (4, 3, 0)
     assert sampler.lengths == dataset.modality_lengths
+
+
+def test_non_finite_log_values_are_logged_as_null(tmp_path, caplog):
+    model, dataset, collator, args = _setup(tmp_path)
+    trainer = QScorerTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer.log({"loss": 1.5, "grad_norm": float("nan"), "learning_rate": float("inf")})
+    assert trainer.state.log_history[-1]["grad_norm"] is None and trainer.state.log_history[-1]["loss"] == 1.5
+    assert trainer.state.log_history[-1]["learning_rate"] is None
+    trainer.state.save_to_json(tmp_path / "trainer_state.json")
+    json.loads((tmp_path / "trainer_state.json").read_text(), parse_constant=_refuse)  # strict JSON
+    assert "grad_norm = nan, learning_rate = inf not finite, logged as null" in caplog.text
+
+
+def _refuse(constant):
+    raise AssertionError(f"{constant} is not JSON")
 
 
 # ---------------------------------------------------------------- optimizer

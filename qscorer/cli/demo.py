@@ -26,9 +26,9 @@ def run(args) -> int:
             raise QScorerError(f"{out} exists and is not a previous demo output: choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / "demo.json").write_text(json.dumps({"status": "running"}) + "\n")
+    (out / "demo.json").write_text(json.dumps({"status": "running"}, allow_nan=False) + "\n")
     summary = run_demo(out, num_train=args.num_train, num_test=args.num_test, epochs=args.epochs, seed=args.seed)
-    (out / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "demo.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     metrics = summary["metrics"]
     print(
         "\nqscorer demo: a TINY model (LLM width 64, random start) trained for "

@@ -46,7 +46,7 @@ def run(args) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if failed:
-        logger.error("%d images could not be read (see the 'error' records)", failed)
+        logger.error("%d record(s) failed (see their 'error' field)", failed)
     return 2 if failed else 0
 
 

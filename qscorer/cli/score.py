@@ -77,7 +77,7 @@ def write_results(results, output_format: str, stream) -> None:
             record = asdict(result)
             record.pop("probs")
             records.append({key: value for key, value in record.items() if key != "error" or value is not None})
-        json.dump(records, stream, indent=1)
+        json.dump(records, stream, indent=1, allow_nan=False)
         stream.write("\n")
     else:
         writer = csv.writer(stream, lineterminator="\n")

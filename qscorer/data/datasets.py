@@ -76,8 +76,9 @@ def load_video_frames(path: str | os.PathLike) -> list[Image.Image]:
         raise
     except FileNotFoundError:
         raise UnreadableImageError(f"video file not found: {path}") from None
-    except (av.error.FFmpegError, IndexError, OSError) as error:
-        raise UnreadableImageError(f"cannot read video {path}: {error}") from error
+    except Exception as error:
+        # FFmpeg errors, and whatever else a damaged or hostile file makes the demuxer or decoder raise.
+        raise UnreadableImageError(f"cannot read video {path}: {type(error).__name__}: {error}") from error
     frames = [candidates[second] for second in range(int(n_frames / fps))]
     if not frames:
         raise UnreadableImageError(f"video {path} is shorter than one second: no frame to sample at 1 fps")

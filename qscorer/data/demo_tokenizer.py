@@ -80,6 +80,7 @@ def build_demo_tokenizer(output_dir: str | Path, *, vocab_size: int = DEMO_VOCAB
         "sp_model_kwargs": {},
         "tokenizer_class": "LlamaTokenizer",
     }
-    (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (output / "special_tokens_map.json").write_text(json.dumps({**special, "pad_token": "<unk>"}, indent=2) + "\n")
+    (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
+    special_map = {**special, "pad_token": "<unk>"}
+    (output / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, allow_nan=False) + "\n")
     return output

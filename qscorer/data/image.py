@@ -1,18 +1,23 @@
-"""Image preprocessing: file -> RGB -> square padding -> CLIP pixel values (facts §5).
+"""Image preprocessing: file -> RGB -> square padding -> CLIP pixel values.
 
-One path for training, batch inference, the CLI and ``score()``. The pixel values equal those of transformers'
-``CLIPImageProcessor`` (PIL/numpy path) with the original ``preprocessor_config.json``: shortest edge resized to 448
-with PIL bicubic on the uint8 image, centre crop 448 x 448, x / 255, then (x - CLIP mean) / CLIP std, channels first,
-float32. The rescale + normalise step is a per-channel lookup table over the 256 uint8 values, computed with the same
-float64 -> float32 arithmetic as transformers, so the results are bit-identical and fast.
+One path for training, batch inference, the CLI, ``score()`` and services. The pixel values equal those of
+transformers' ``CLIPImageProcessor`` (PIL/numpy path) with the original ``preprocessor_config.json``, applied to the
+original's padded image: pad to a square of the longer side with the CLIP-mean colour, resize the shortest edge to
+448 with PIL bicubic on the uint8 image, centre crop 448 x 448, x / 255, then (x - CLIP mean) / CLIP std, channels
+first, float32. The rescale + normalise step is a per-channel lookup table over the 256 uint8 values, computed with
+the same float64 -> float32 arithmetic as transformers, so the results are bit-identical and fast.
 
 transformers itself is not used here, so the pixels do not depend on its version or backends. (transformers 5 makes a
 torchvision-backed ``CLIPImageProcessor`` the default when torchvision is installed; it resizes with torchvision's
 antialiased bicubic, which is not bit-identical to PIL's, and its RGB conversion composites alpha onto white. Without
 torchvision it falls back to ``CLIPImageProcessorPil``, which the tests compare against bit for bit.)
 
+Hostile files: :func:`load_image` turns every failure to decode a file into an :class:`UnreadableImageError` naming
+it, refuses images above PIL's decompression-bomb limit, and :func:`pixel_values` never builds an intermediate image
+much larger than the image itself (an extreme shape is resized by :mod:`.resample`, with the same pixels).
+
 This module is shipped with the remote-code model: it imports only the standard library, numpy, PIL, torch and
-``..constants`` / ``..errors``.
+``..constants`` / ``..errors`` / ``.resample``.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..constants import CLIP_MEAN, CLIP_STD, IMAGE_BACKGROUND
 from ..errors import QScorerError
+from .resample import resize_window
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,11 @@ ASPECT_RATIO_MODES = ("pad", "square")
 original training default) feeds the image as it is, so the centre crop cuts the long side."""
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+INTERMEDIATE_LIMIT = 4
+"""PIL pads and resizes the whole image only while its largest intermediate image (the padded square, or the
+resized image in "square" mode) holds at most this many times the pixels of the image or of the 448 x 448 output,
+whichever is more; beyond that, :func:`~qscorer.data.resample.resize_window` computes the same pixels without it."""
 
 
 class UnreadableImageError(QScorerError):
@@ -85,19 +97,42 @@ def expand2square(image: Image.Image, background: tuple[int, int, int] = IMAGE_B
     return canvas
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open any image file PIL reads and return it as RGB (:func:`to_rgb`); errors name the file.
+def load_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None) -> Image.Image:
+    """Open an image file (a path, or a binary file object such as ``io.BytesIO(upload)``) and return it as RGB
+    (:func:`to_rgb`); any failure is an :class:`UnreadableImageError` naming ``name`` (default: the path).
 
-    EXIF orientation is not applied (the original did not either). Truncated files are errors.
+    Images of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's decompression-bomb limit, 89.5 million by
+    default; ``None`` lifts it) are refused, where PIL itself only warns up to twice the limit. The limit is read,
+    never changed: raise it in your own process to read larger images. EXIF orientation is not applied (the original
+    did not either). Truncated files are errors.
     """
+    name = str(source) if name is None else name
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            check_pixel_limit(image.size, name)
             image.load()
             return to_rgb(image).copy()
+    except UnreadableImageError:
+        raise
     except FileNotFoundError:
-        raise UnreadableImageError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise UnreadableImageError(f"cannot read image {path}: {error}") from error
+        raise UnreadableImageError(f"image file not found: {name}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImageError(f"image {name} is refused as a possible decompression bomb: {error}") from None
+    except Exception as error:
+        # Decoders raise many kinds of errors on damaged or hostile files (OSError, SyntaxError, struct.error,
+        # IndexError, MemoryError, ...): every one of them means this file cannot be read.
+        raise UnreadableImageError(f"cannot read image {name}: {type(error).__name__}: {error}") from error
+
+
+def check_pixel_limit(size: tuple[int, int], name: str) -> None:
+    """Refuse an image of ``size`` = (width, height) above ``PIL.Image.MAX_IMAGE_PIXELS`` (read at each call)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = size
+    if limit is not None and width * height > limit:
+        raise UnreadableImageError(
+            f"image {name} has {width} x {height} = {width * height} pixels, more than PIL's decompression-bomb "
+            f"limit PIL.Image.MAX_IMAGE_PIXELS = {limit}; it is refused (raise that limit to read it)"
+        )
 
 
 def _normalisation_table() -> np.ndarray:
@@ -118,12 +153,18 @@ def _table() -> np.ndarray:
     return _TABLE
 
 
+def shortest_edge_size(size: tuple[int, int], edge: int = IMAGE_SIZE) -> tuple[int, int]:
+    """(width, height) after resizing the shortest edge to ``edge``; the long edge becomes ``int(edge * long /
+    short)``."""
+    width, height = size
+    if width <= height:
+        return edge, int(edge * height / width)
+    return int(edge * width / height), edge
+
+
 def resize_shortest_edge(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
-    """Bicubic resize so the shortest edge is ``size``; the long edge becomes ``int(size * long / short)``."""
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(size * long / short)
-    new_size = (size, new_long) if width <= height else (new_long, size)
+    """Bicubic resize so the shortest edge is ``size`` (:func:`shortest_edge_size`)."""
+    new_size = shortest_edge_size(image.size, size)
     if new_size == image.size:
         return image
     return image.resize(new_size, resample=Image.BICUBIC)
@@ -137,14 +178,46 @@ def center_crop(pixels: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     return pixels[top : top + size, left : left + size]
 
 
+def resized_crop(image: Image.Image, image_aspect_ratio: str = "pad") -> np.ndarray:
+    """uint8 [448, 448, 3]: the RGB ``image``, padded to a square ("pad"), resized so its shortest edge is 448
+    (bicubic) and centre-cropped; memory follows the image's size (:data:`INTERMEDIATE_LIMIT`)."""
+    width, height = image.size
+    limit = INTERMEDIATE_LIMIT * max(width * height, IMAGE_SIZE * IMAGE_SIZE)
+    output = (0, 0, IMAGE_SIZE, IMAGE_SIZE)
+    if image_aspect_ratio == "pad" and width != height:
+        side = max(width, height)
+        if side * side <= limit:
+            return center_crop(np.asarray(resize_shortest_edge(expand2square(image))))
+        offset = ((side - width) // 2, (side - height) // 2)
+        return resize_window(np.asarray(image), canvas=(side, side), offset=offset, background=IMAGE_BACKGROUND,
+                             size=(IMAGE_SIZE, IMAGE_SIZE), window=output)
+    new_width, new_height = shortest_edge_size(image.size)
+    # A shortest edge of 448 or more shrinks the image; below, PIL resamples horizontally first, as resize_window.
+    if new_width * new_height <= limit or min(width, height) >= IMAGE_SIZE:
+        return center_crop(np.asarray(resize_shortest_edge(image)))
+    crop = ((new_width - IMAGE_SIZE) // 2, (new_height - IMAGE_SIZE) // 2, IMAGE_SIZE, IMAGE_SIZE)
+    return resize_window(np.asarray(image), canvas=image.size, size=(new_width, new_height), window=crop)
+
+
 def pixel_values(image: Image.Image, image_aspect_ratio: str = "pad") -> np.ndarray:
-    """[3, 448, 448] float32 CLIP pixel values of one image (any PIL mode)."""
+    """[3, 448, 448] float32 CLIP pixel values of one image (any PIL mode).
+
+    An image that has no pixels, or that cannot be decoded (a lazily opened file) or converted to RGB, raises
+    :class:`UnreadableImageError`.
+    """
     if image_aspect_ratio not in ASPECT_RATIO_MODES:
         raise QScorerError(
             f"unknown image_aspect_ratio {image_aspect_ratio!r}; choose one of {list(ASPECT_RATIO_MODES)}"
         )
-    image = expand2square(image) if image_aspect_ratio == "pad" else to_rgb(image)
-    pixels = center_crop(np.asarray(resize_shortest_edge(image)))
+    description = f"{image.mode} image of {image.width} x {image.height} pixels"
+    if image.width < 1 or image.height < 1:
+        raise UnreadableImageError(f"cannot use an empty {description}")
+    try:
+        image.load()
+        image = to_rgb(image)
+    except Exception as error:
+        raise UnreadableImageError(f"cannot read a {description}: {type(error).__name__}: {error}") from error
+    pixels = resized_crop(image, image_aspect_ratio)
     table = _table()
     return np.stack([table[channel][pixels[:, :, channel]] for channel in range(3)])
 
@@ -233,5 +306,6 @@ class ImageProcessor:
         """Write ``preprocessor_config.json`` (loadable by transformers' ``CLIPImageProcessor`` too)."""
         path = Path(folder) / PROCESSOR_CONFIG_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(PROCESSOR_CONFIG, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        text = json.dumps(PROCESSOR_CONFIG, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        path.write_text(text, encoding="utf-8")
         return [str(path)]

@@ -4,6 +4,7 @@ ground-truth files all come in both forms, whatever their suffix, so the content
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -38,3 +39,15 @@ def read_json_records(path: str | os.PathLike) -> list:
                     "per line"
                 ) from None
     return records
+
+
+def finite_number(value) -> float | None:
+    """``value`` (a JSON number or a numeric string, not a bool) as a finite float, else None (NaN, Infinity,
+    which Python's json module reads, and anything else)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None

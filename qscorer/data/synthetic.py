@@ -422,7 +422,7 @@ def _plan_split(count: int, distortions: tuple[str, ...], rng: np.random.Generat
 
 
 def _write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n")
+    path.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
 
 
 def build_synthetic_iqa(

@@ -322,7 +322,8 @@ def save_tokenizer(tokenizer, directory: str | os.PathLike) -> list[str]:
     }
     files = []
     for name, content in contents.items():
-        (directory / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(content, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        (directory / name).write_text(text, encoding="utf-8")
         files.append(str(directory / name))
     (directory / SENTENCEPIECE_FILE).write_bytes(text_encoder(tokenizer).model_bytes)
     files.append(str(directory / SENTENCEPIECE_FILE))

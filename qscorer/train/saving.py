@@ -101,7 +101,7 @@ def save_lora_checkpoint(model, output_dir: str | os.PathLike, *, state_dict=Non
     config = copy.deepcopy(model.get_base_model().config)
     config.use_cache = True
     config.save_pretrained(folder)
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model, adapter), indent=2) + "\n")
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model, adapter), indent=2, allow_nan=False) + "\n")
     files = [folder / "config.json", folder / ADAPTER_CONFIG]
     files.append(write_tensors(adapter, folder, ADAPTER_STEM, safe_serialization))
     files.append(write_tensors(non_lora, folder, NON_LORA_STEM, safe_serialization))

@@ -14,6 +14,7 @@ qscorer's batch objective, and checkpoints in the original's LoRA format (facts 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -108,11 +109,18 @@ class QScorerTrainer(Trainer):
         return (result.loss, result) if return_outputs else result.loss
 
     def log(self, logs, *args, **kwargs):
+        """Adds the averaged loss parts; a NaN or infinite value (a diverging run) is logged as null with a warning,
+        so that ``trainer_state.json`` stays strict JSON."""
         if "loss" in logs:
             for name, total in self._part_sums.items():
                 logs[name] = round(total / self._part_counts[name], 6)
             self._part_sums.clear()
             self._part_counts.clear()
+        non_finite = [key for key, value in logs.items() if isinstance(value, float) and not math.isfinite(value)]
+        if non_finite:
+            logger.warning("step %d: %s not finite, logged as null", self.state.global_step, ", ".join(
+                f"{key} = {logs[key]}" for key in non_finite))
+            logs = {key: None if key in non_finite else value for key, value in logs.items()}
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
