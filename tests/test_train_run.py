@@ -9,6 +9,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,11 +120,23 @@ def test_torchrun_two_processes_on_cpu_with_pair_losses(tmp_path):
     assert all("loss_rank" in entry and "loss_soft_kl_A" in entry for entry in state["log_history"] if "loss" in entry)
 
 
+def _deepspeed_extensions_dir() -> str:
+    """A JIT-build folder for DeepSpeed's CPU op owned by this environment. Environments sharing torch's default
+    folder rebuild the op for each other's flags, and a build killed half-way leaves a lock that every later run
+    waits on forever; a lock older than any build here is such a leftover and is removed."""
+    folder = Path(sys.prefix) / "torch_extensions"
+    for lock in folder.glob("*/lock"):
+        if time.time() - lock.stat().st_mtime > 300:
+            lock.unlink()
+    return str(folder)
+
+
 @pytest.mark.slow
 def test_train_lora_sh_runs_deepspeed_zero2_on_two_cpu_processes(tmp_path):
     data = synthetic_data()
     environment = {
         **_environment(),
+        "TORCH_EXTENSIONS_DIR": _deepspeed_extensions_dir(),
         "BASE_MODEL": str(demo_base_model()),
         "DATA_ROOT": str(data),
         "META": str(data / "metas" / "train.json"),
