@@ -23,6 +23,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -85,19 +86,37 @@ def expand2square(image: Image.Image, background: tuple[int, int, int] = IMAGE_B
     return canvas
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open any image file PIL reads and return it as RGB (:func:`to_rgb`); errors name the file.
+def load_image(source: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open an image (a path, or a binary file object such as ``io.BytesIO(data)``) and return it as RGB
+    (:func:`to_rgb`); errors name ``name`` (default: the path).
 
     EXIF orientation is not applied (the original did not either). Truncated files are errors.
     """
+    name = str(source) if name is None else name
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
             return to_rgb(image).copy()
     except FileNotFoundError:
-        raise UnreadableImageError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise UnreadableImageError(f"cannot read image {path}: {error}") from error
+        raise UnreadableImageError(f"image file not found: {name}") from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError(f"cannot read image {name}: not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UnreadableImageError(f"cannot read image {name}: {error}") from error
+
+
+def image_from_array(array: np.ndarray, name: str = "image array") -> Image.Image:
+    """The RGB image of a uint8 array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] (alpha dropped, as in
+    :func:`to_rgb`); other shapes and dtypes are errors naming ``name``."""
+    array = np.asarray(array)
+    channels = array.shape[2] if array.ndim == 3 else 1
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or channels not in (1, 3, 4) or 0 in array.shape[:2]:
+        raise UnreadableImageError(
+            f"{name}: expected a uint8 array [H, W] or [H, W, 1|3|4], got {array.dtype} {list(array.shape)}"
+        )
+    if array.ndim == 3 and channels == 1:
+        array = array[:, :, 0]
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
 
 
 def _normalisation_table() -> np.ndarray:
