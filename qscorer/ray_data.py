@@ -84,7 +84,7 @@ def _open_image(source, root_dir, name: str | None):
     if isinstance(source, np.ndarray):
         return image_from_array(source, name or "image array")
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return load_image(io.BytesIO(source), name or "image bytes")
+        return load_image(io.BytesIO(source), name or "bytes")
     if isinstance(source, (str, os.PathLike)):
         return load_image(os.path.join(root_dir, source) if root_dir is not None else source, name)
     raise QScorerError(f"{name or 'image'}: expected image bytes, a path or an array, got {type(source).__name__}")

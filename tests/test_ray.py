@@ -4,6 +4,7 @@ with the default engine's files, resume and a scoring actor killed mid-run. Ray 
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ from tiny import save_tiny_checkpoint
 from qscorer.cli import main
 from qscorer.constants import SCORE_TOKENS_REPORT_ORDER
 from qscorer.data import load_image, process_images
+from qscorer.errors import QScorerError
 from qscorer.inference import read_json_lines
-from qscorer.ray_data import BatchScorer, decode_batch, score_dataset
+from qscorer.ray_data import BatchScorer, decode_batch
 from qscorer.scoring import Scorer
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'qscorer[ray]'")
@@ -153,32 +155,61 @@ def test_batch_scorer_adds_typed_score_columns(tiny_folder, tmp_path):
         assert [row[column] for column in probs] == pytest.approx(list(result.probs.values()), rel=1e-4)
 
 
-def test_score_dataset_scores_parquet_image_bytes_into_parquet(local_ray, tiny_folder, tmp_path):
+@pytest.fixture(scope="module")
+def example():
+    """``examples/ray_score_parquet.py`` as a module."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        import ray_score_parquet
+    finally:
+        sys.path.pop(0)
+    return ray_score_parquet
+
+
+def test_the_example_scores_parquet_image_bytes_into_parquet(local_ray, example, tiny_folder, tmp_path):
     names = write_images(tmp_path, 5, broken={3})
     keys = [f"k{index}" for index in range(5)]
-    source = pa.table({"key": keys, "image": [(tmp_path / name).read_bytes() for name in names]})
+    source = pa.table({"key": keys, "jpeg": [(tmp_path / name).read_bytes() for name in names]})
     pq.write_table(source, tmp_path / "images.parquet")
-    scored = score_dataset(
-        ray.data.read_parquet(str(tmp_path / "images.parquet")),
-        tiny_folder,
-        name_column="key",
-        num_actors=1,
-        batch_size=2,
-        dtype="float32",
-    )
-    scored.write_parquet(str(tmp_path / "scores"))
+    arguments = [str(tmp_path / "images.parquet"), "--image-column", "jpeg", "--output", str(tmp_path / "scores")]
+    model = ["--model-path", str(tiny_folder), "--dtype", "float32", "--batch-size", "2"]
+    assert example.main([*arguments, *model]) == 0
     table = pq.read_table(tmp_path / "scores")
     assert sorted(table.column_names) == sorted(["key", *SCORE_COLUMNS, "error"])
     assert table.schema.field("error").type == pa.string()
     rows = {row["key"]: row for row in table.to_pylist()}
-    assert sorted(rows) == ["k0", "k1", "k2", "k3", "k4"]
-    assert rows["k3"]["error"] == "cannot read image k3: not a recognised image format" and rows["k3"]["score"] is None
+    assert sorted(rows) == keys
+    assert rows["k3"]["error"] == "cannot read image bytes: not a recognised image format"
+    assert rows["k3"]["score"] is None
 
     reference = Scorer(tiny_folder, device="cpu", dtype="float32").score([tmp_path / name for name in names])
-    for index, result in enumerate(reference):
-        if index != 3:
-            assert rows[f"k{index}"]["score"] == pytest.approx(result.score, abs=1e-5)
-            assert rows[f"k{index}"]["token_id"] == result.token_id
+    for key, result in zip(keys, reference, strict=True):
+        if result.error is None:
+            assert rows[key]["score"] == pytest.approx(result.score, abs=1e-5)
+            assert rows[key]["token_id"] == result.token_id
+    assert example.main([str(tmp_path / "images.parquet"), "--output", str(tmp_path / "x"), *model]) == 2
+
+
+def test_the_example_reads_folders_parquet_and_metas(local_ray, example, tmp_path):
+    names = write_images(tmp_path, 3)
+    meta = write_meta(tmp_path, names)
+    pq.write_table(pa.table({"image": [b"x"], "n": [1]}), tmp_path / "one.parquet")
+
+    def read(*arguments):
+        args = example.parse_arguments([*arguments, "--output", "o", "--model-path", "m"])
+        dataset, columns = example.read_input(ray, args)
+        return sorted(dataset.take_all(), key=str), columns
+
+    rows, columns = read(str(tmp_path / "images"))
+    assert columns == {"image_column": "bytes", "name_column": "path"}
+    assert [Path(row["path"]).name for row in rows] == ["img_000.png", "img_001.png", "img_002.png"]
+    assert rows[0]["bytes"] == (tmp_path / names[0]).read_bytes()
+    rows, columns = read(str(meta), "--root-dir", str(tmp_path))
+    assert columns == {"image_column": "image"} and rows[0]["image"] == str(tmp_path / names[0])
+    assert (rows[0]["id"], rows[0]["gt_score"]) == (f"{names[0]}#0", 0.0)
+    assert read(str(tmp_path / "one.parquet"))[0] == [{"image": b"x", "n": 1}]
+    with pytest.raises(QScorerError, match="does not exist"):
+        read(str(tmp_path / "nothing"))
 
 
 def test_an_empty_actor_pool_is_refused_before_ray_starts(tmp_path, capsys):
