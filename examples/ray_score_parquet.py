@@ -24,7 +24,8 @@ from qscorer.cli.options import add_model_arguments, add_scoring_arguments, scor
 from qscorer.cli.score import IMAGE_SUFFIXES
 from qscorer.errors import QScorerError
 from qscorer.inference import load_test_records
-from qscorer.ray_data import require_ray, score_dataset
+from qscorer.ray_data import raising_user_errors, require_ray, score_dataset
+from qscorer.ray_inference import ray_session
 
 logger = logging.getLogger("ray_score_parquet")
 
@@ -68,23 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        ray = require_ray()
-        if not ray.is_initialized():
-            ray.init(address=args.ray_address)
-        dataset, columns = read_input(ray, args)
         options = scorer_options(args)
         options.pop("num_workers")
-        scored = score_dataset(
-            dataset,
-            args.model_path,
-            args.model_base,
-            args.preprocessor_path,
-            num_actors=args.num_actors,
-            num_gpus_per_actor=args.num_gpus_per_actor,
-            **columns,
-            **options,
-        )
-        scored.write_parquet(args.output)
+        with ray_session(args.ray_address), raising_user_errors():
+            dataset, columns = read_input(require_ray(), args)
+            scored = score_dataset(
+                dataset,
+                args.model_path,
+                args.model_base,
+                args.preprocessor_path,
+                num_actors=args.num_actors,
+                num_gpus_per_actor=args.num_gpus_per_actor,
+                **columns,
+                **options,
+            )
+            scored.write_parquet(args.output)
     except QScorerError as error:
         print(f"ray_score_parquet: error: {error}", file=sys.stderr)
         return 2

@@ -23,8 +23,10 @@ module (except ``qscorer.ray_inference``, behind ``qscorer infer --engine ray``)
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import re
 import warnings
 
 import numpy as np
@@ -50,6 +52,20 @@ def require_ray():
     except ImportError as error:
         raise QScorerError(f"the Ray engine needs Ray Data ({error}): pip install 'qscorer[ray]'") from None
     return ray
+
+
+@contextlib.contextmanager
+def raising_user_errors():
+    """Turn a Ray error caused by a :class:`QScorerError` in a worker (a model folder that does not exist, a missing
+    column, ...) back into that one-line error; Ray passes the worker's exception on only as text."""
+    ray = require_ray()
+    try:
+        yield
+    except ray.exceptions.RayError as error:
+        messages = re.findall(r"qscorer\.[\w.]*Error: (.+)", str(error))
+        if not messages:
+            raise
+        raise QScorerError(messages[-1].strip()) from error
 
 
 def decode_batch(batch: dict, *, image_column: str = "image", root_dir=None, name_column: str | None = None):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .errors import QScorerError
 from .inference import MetaInference
-from .ray_data import check_pool, image_score_from_row, require_ray, score_dataset
+from .ray_data import check_pool, image_score_from_row, raising_user_errors, require_ray, score_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -43,28 +43,20 @@ def infer_metas_ray(
 ) -> int:
     """Score every meta of ``meta_paths`` into ``save_dir`` on Ray; returns how many records failed.
 
-    Uses the Ray session of this process if there is one, else connects to ``address`` (``ray.init``: None finds a
-    running cluster through ``RAY_ADDRESS`` or starts a local one) and shuts down what it started. The other
-    keywords are those of :func:`qscorer.ray_data.score_dataset`.
+    Ray (:func:`ray_session` at ``address``) starts only when a record is pending. The other keywords are those of
+    :func:`qscorer.ray_data.score_dataset`.
     """
     ray = require_ray()
     check_pool(num_actors, num_gpus_per_actor, 1, batch_size)
-    started = not ray.is_initialized()
-    if started:
-        try:
-            ray.init(address=address)
-        except (ConnectionError, ValueError, RuntimeError) as error:
-            raise QScorerError(f"cannot start or reach Ray at {address or 'a local cluster'}: {error}") from None
-    logger.info("Ray cluster resources: %s", ray.cluster_resources())
-    try:
-        jobs = [MetaInference(None, meta_path, root_dir, save_dir, with_prob=with_prob) for meta_path in meta_paths]
-        pending = [job.pending(retry_failed) for job in jobs]
-        rows = [
-            {"meta": index, "id": record.id, "image": str(job.image_path(record))}
-            for index, (job, records) in enumerate(zip(jobs, pending))
-            for record in records
-        ]
-        if rows:
+    jobs = [MetaInference(None, meta_path, root_dir, save_dir, with_prob=with_prob) for meta_path in meta_paths]
+    pending = [job.pending(retry_failed) for job in jobs]
+    rows = [
+        {"meta": index, "id": record.id, "image": str(job.image_path(record))}
+        for index, (job, records) in enumerate(zip(jobs, pending))
+        for record in records
+    ]
+    if rows:
+        with ray_session(address), raising_user_errors():
             scored = score_dataset(
                 ray.data.from_items(rows),
                 model_path,
@@ -77,10 +69,26 @@ def infer_metas_ray(
                 **scorer_options,
             )
             _write_scores(jobs, pending, scored)
-        return sum(job.finalize() for job in jobs)
+    return sum(job.finalize() for job in jobs)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None):
+    """Use this process's Ray session if there is one, else connect to ``address`` (``ray.init``: None finds a
+    running cluster through ``RAY_ADDRESS`` or starts a local one) and shut down on exit."""
+    ray = require_ray()
+    if ray.is_initialized():
+        yield
+        return
+    try:
+        ray.init(address=address)
+    except (ConnectionError, ValueError, RuntimeError) as error:
+        raise QScorerError(f"cannot start or reach Ray at {address or 'a local cluster'}: {error}") from None
+    logger.info("Ray cluster resources: %s", ray.cluster_resources())
+    try:
+        yield
     finally:
-        if started:
-            ray.shutdown()
+        ray.shutdown()
 
 
 def _write_scores(jobs: list[MetaInference], pending: list[list], scored) -> None:

@@ -220,6 +220,13 @@ def test_an_empty_actor_pool_is_refused_before_ray_starts(tmp_path, capsys):
     )
 
 
+def test_a_model_the_actors_cannot_load_is_a_one_line_error(local_ray, tmp_path, capsys):
+    meta = write_meta(tmp_path, write_images(tmp_path, 1))
+    assert infer(tmp_path / "no_model", meta, tmp_path, tmp_path / "out", "--engine", "ray") == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("qscorer infer: error: ") and str(tmp_path / "no_model") in last_line
+
+
 def test_ray_engine_reproduces_the_original_iqa_eval(local_ray, parity_dir, golden_dir, parity_images_dir, tmp_path):
     golden = read_json_lines(golden_dir / "iqa_eval_lora_bs1.jsonl")
     model = ["--model-base", str(parity_dir / "base"), "--with-prob", "--batch-size", "2"]
