@@ -1,15 +1,16 @@
 """Images/s of ``qscorer infer --engine ray`` against the default engine on the same images and model, as JSON.
 
-Both engines run the real command in this process (``qscorer.cli.main``) with its defaults: the default engine
+Both engines run the real command in this process (``qscorer.cli.main``) with their defaults: the default engine
 decodes in 2 DataLoader workers and scores in the main process; the Ray engine decodes in Ray CPU tasks and scores
-in one actor on a local Ray with every core of this machine. Each run includes loading the model, so each engine is
-timed on two numbers of images: the difference gives the time per image in the steady state (``per_image_s``), the
-rest is the fixed cost of a run (``fixed_s``: model loading, and for Ray the start of its workers and actors).
-Starting Ray itself (``ray_init_s``) is measured apart: a cluster is started once, not per run; one untimed run of
-each engine comes first (imports, Ray's first worker processes).
+in one actor on a local Ray with every core of this machine. Both append each scored batch to a part file, which a
+thread watches: ``first_result_s`` is the time to the first written record (model loading, and for Ray the start of
+its workers and actor), ``steady_images_per_s`` the rate from the first to the last record, ``total_s`` the whole
+run. Runs alternate between the engines, ``--repeats`` times; the report gives medians and every run. Starting Ray
+itself (``ray_init_s``) is measured apart: a cluster is started once, not per run. An untimed run of each engine on
+16 images comes first (imports, Ray's first worker processes).
 
-    python benchmarks/bench_ray.py                       # tiny model, 64 and 256 JPEGs of 1024 x 768
-    python benchmarks/bench_ray.py --config mid --images 16 64
+    python benchmarks/bench_ray.py                       # tiny model, 256 JPEGs of 1024 x 768, 2 repeats
+    python benchmarks/bench_ray.py --config mid --images 64
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import contextlib
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +38,7 @@ from qscorer.cli import main as qscorer_main  # noqa: E402
 
 
 def write_images(root: Path, count: int, size: tuple[int, int]) -> Path:
-    """``count`` random JPEGs and a meta listing them; returns the meta."""
+    """``count`` random JPEGs (shared between metas) and a meta listing them; returns the meta."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
     records = []
@@ -50,33 +53,53 @@ def write_images(root: Path, count: int, size: tuple[int, int]) -> Path:
     return meta
 
 
-def timed_infer(model: Path, meta: Path, root: Path, save_dir: Path, *extra: str) -> float:
+def timed_infer(model: Path, meta: Path, root: Path, save_dir: Path, *extra: str) -> dict:
+    """Run ``qscorer infer`` and time it, watching its part file for the records written so far."""
+    part = save_dir / f".{meta.name}.part0"
+    arrivals, done = [], threading.Event()
+
+    def watch() -> None:
+        written = 0
+        while not done.is_set():
+            count = part.read_bytes().count(b"\n") if part.exists() else written
+            if count > written:
+                arrivals.append((time.perf_counter(), count))
+                written = count
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
     start = time.perf_counter()
+    watcher.start()
     arguments = ["infer", "--model-path", str(model), "--meta-paths", str(meta), "--root-dir", str(root)]
-    status = qscorer_main([*arguments, "--save-dir", str(save_dir), "--device", "cpu", "--dtype", "float32", *extra])
-    if status != 0:
-        raise SystemExit(f"qscorer infer {' '.join(extra)} failed with status {status}")
-    return time.perf_counter() - start
-
-
-def summary(counts: list[int], seconds: list[float]) -> dict:
-    per_image = (seconds[-1] - seconds[0]) / (counts[-1] - counts[0])
+    arguments += ["--save-dir", str(save_dir), "--device", "cpu", "--dtype", "float32", *extra]
+    try:
+        status = qscorer_main(arguments)
+    finally:
+        done.set()
+        watcher.join()
+    total = time.perf_counter() - start
+    if status != 0 or len(arrivals) < 2:
+        raise SystemExit(f"qscorer infer {' '.join(extra)}: status {status}, {len(arrivals)} part file updates")
+    (first_time, first_count), (last_time, last_count) = arrivals[0], arrivals[-1]
     return {
-        "seconds": [round(value, 2) for value in seconds],
-        "images_per_s": [round(count / value, 2) for count, value in zip(counts, seconds)],
-        "per_image_s": round(per_image, 4),
-        "fixed_s": round(seconds[0] - per_image * counts[0], 2),
+        "total_s": round(total, 2),
+        "first_result_s": round(first_time - start, 2),
+        "steady_images_per_s": round((last_count - first_count) / (last_time - first_time), 2),
     }
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {key: round(statistics.median(run[key] for run in runs), 2) for key in runs[0]}
 
 
 def measure(args) -> dict:
     import ray
 
-    counts = sorted(args.images)
+    size = tuple(args.image_size)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         model = save_tiny_checkpoint(root / "model", **CONFIGS[args.config])
-        metas = {count: write_images(root, count, tuple(args.image_size)) for count in counts}
+        meta, warm_up = write_images(root, args.images, size), write_images(root, 16, size)
         start = time.perf_counter()
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ray_init = time.perf_counter() - start
@@ -84,38 +107,42 @@ def measure(args) -> dict:
             "torch": ["--batch-size", str(args.batch_size)],
             "ray": ["--batch-size", str(args.batch_size), "--engine", "ray", "--num-actors", str(args.num_actors)],
         }
-        times = {"torch": [], "ray": []}
+        runs = {engine: [] for engine in engines}
         try:
-            for engine, options in engines.items():  # warm-up: first imports, Ray's first worker processes
-                timed_infer(model, metas[counts[0]], root, root / f"warm_{engine}", *options)
-            for count in counts:
+            for engine, options in engines.items():
+                timed_infer(model, warm_up, root, root / f"warm_up_{engine}", *options)
+            for repeat in range(args.repeats):
                 for engine, options in engines.items():
-                    times[engine].append(timed_infer(model, metas[count], root, root / f"{engine}{count}", *options))
+                    runs[engine].append(timed_infer(model, meta, root, root / f"{engine}{repeat}", *options))
         finally:
             ray.shutdown()
-    torch_summary, ray_summary = summary(counts, times["torch"]), summary(counts, times["ray"])
+    torch_run, ray_run = median_of(runs["torch"]), median_of(runs["ray"])
     return {
         "config": args.config,
         "cpus": os.cpu_count(),
         "load_average_before": args.load_before,
         "load_average_after": [round(value, 2) for value in os.getloadavg()],
-        "images": counts,
+        "images": args.images,
         "image_size": args.image_size,
         "batch": args.batch_size,
         "ray_actors": args.num_actors,
         "ray_init_s": round(ray_init, 2),
-        "torch_engine": torch_summary,
-        "ray_engine": ray_summary,
-        "ray_overhead_per_image_s": round(ray_summary["per_image_s"] - torch_summary["per_image_s"], 4),
-        "ray_extra_fixed_s": round(ray_summary["fixed_s"] - torch_summary["fixed_s"], 2),
-        "steady_state_ratio": round(torch_summary["per_image_s"] / ray_summary["per_image_s"], 2),
+        "torch_engine": torch_run,
+        "ray_engine": ray_run,
+        "ray_steady_state_ratio": round(ray_run["steady_images_per_s"] / torch_run["steady_images_per_s"], 2),
+        "ray_overhead_per_image_s": round(
+            1 / ray_run["steady_images_per_s"] - 1 / torch_run["steady_images_per_s"], 4
+        ),
+        "ray_extra_first_result_s": round(ray_run["first_result_s"] - torch_run["first_result_s"], 2),
+        "runs": runs,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=["tiny", "mid"], default="tiny", help="model shapes of bench_scoring.py")
-    parser.add_argument("--images", nargs=2, type=int, default=[64, 256], help="two numbers of images")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--image-size", nargs=2, type=int, default=[1024, 768])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-actors", type=int, default=1)

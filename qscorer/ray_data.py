@@ -109,13 +109,14 @@ def _open_image(source, root_dir, name: str | None):
 class BatchScorer:
     """The callable class for ``Dataset.map_batches`` in an actor pool: one scorer per actor, loaded once.
 
-    ``BatchScorer(model_path, model_base=None, preprocessor_path=None, with_prob=False, **scorer_options)``, with
-    the keywords of :class:`~qscorer.scoring.Scorer` (device, dtype, prompt, clamp, attention, loading options).
+    ``BatchScorer(model_path, model_base=None, preprocessor_path=None, with_prob=False, **scorer_options)``: the
+    checkpoint (folders or Hub ids; none: the published Q-Scorer) and the keywords of
+    :class:`~qscorer.scoring.Scorer` (device, dtype, prompt, clamp, load_8bit / load_4bit, revision, ...).
     Called on a batch of :func:`decode_batch` (numpy format), it returns the batch without ``pixels``, with
     ``score``, ``<score5>`` .. ``<score1>``, ``token_id`` (``prob_<score5>`` .. with ``with_prob``) and ``error``.
     """
 
-    def __init__(self, model_path, model_base=None, preprocessor_path=None, *, with_prob: bool = False, **options):
+    def __init__(self, model_path=None, model_base=None, preprocessor_path=None, *, with_prob: bool = False, **options):
         from .scoring import Scorer
 
         self.scorer = Scorer(model_path, model_base, preprocessor_path, **options)
@@ -199,7 +200,7 @@ def check_pool(num_actors: int, num_gpus_per_actor: float, num_cpus_per_actor: f
 
 def score_dataset(
     dataset,
-    model_path,
+    model_path=None,
     model_base=None,
     preprocessor_path=None,
     *,
@@ -241,7 +242,7 @@ def score_dataset(
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=Warning)
         return decoded.map_batches(
             BatchScorer,
-            fn_constructor_args=(str(model_path), _optional_str(model_base), _optional_str(preprocessor_path)),
+            fn_constructor_args=tuple(_optional_str(path) for path in (model_path, model_base, preprocessor_path)),
             fn_constructor_kwargs=dict(with_prob=with_prob, **scorer_options),
             batch_size=batch_size,
             batch_format="numpy",

@@ -30,7 +30,7 @@ def infer_metas_ray(
     root_dir,
     save_dir,
     *,
-    model_path,
+    model_path=None,
     model_base=None,
     preprocessor_path=None,
     with_prob: bool = False,
