@@ -47,8 +47,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def read_input(ray, args: argparse.Namespace):
     """The input as a Ray Dataset, with the keywords that tell :func:`score_dataset` where its images are."""
     source = str(args.input)
-    if "://" not in source and not Path(source).exists():
-        raise QScorerError(f"input {source} does not exist")
     if source.endswith((".json", ".jsonl")):
         rows = [
             {"id": record.id, "image": str(Path(args.root_dir) / record.image), "gt_score": record.gt_score}
@@ -69,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if "://" not in args.input and not Path(args.input).exists():
+            raise QScorerError(f"input {args.input} does not exist")
         options = scorer_options(args)
         options.pop("num_workers")
         with ray_session(args.ray_address), raising_user_errors():

@@ -18,7 +18,6 @@ from tiny import save_tiny_checkpoint
 from qscorer.cli import main
 from qscorer.constants import SCORE_TOKENS_REPORT_ORDER
 from qscorer.data import load_image, process_images
-from qscorer.errors import QScorerError
 from qscorer.inference import read_json_lines
 from qscorer.ray_data import BatchScorer, decode_batch
 from qscorer.scoring import Scorer
@@ -216,8 +215,7 @@ def test_the_example_reads_folders_parquet_and_metas(local_ray, example, tmp_pat
     assert columns == {"image_column": "image"} and rows[0]["image"] == str(tmp_path / names[0])
     assert (rows[0]["id"], rows[0]["gt_score"]) == (f"{names[0]}#0", 0.0)
     assert read(str(tmp_path / "one.parquet"))[0] == [{"image": b"x", "n": 1}]
-    with pytest.raises(QScorerError, match="does not exist"):
-        read(str(tmp_path / "nothing"))
+    assert example.main([str(tmp_path / "nothing"), "--output", "o", "--model-path", "m"]) == 2
 
 
 def test_an_empty_actor_pool_is_refused_before_ray_starts(tmp_path, capsys):
