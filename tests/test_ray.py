@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
+from test_inference import make_dataset
 from tiny import save_tiny_checkpoint
 
 from qscorer.cli import main
 from qscorer.constants import SCORE_TOKENS_REPORT_ORDER
 from qscorer.data import load_image, process_images
-from qscorer.inference import read_json_lines
+from qscorer.inference import load_test_records, read_json_lines
 from qscorer.ray_data import BatchScorer, decode_batch
 from qscorer.scoring import Scorer
 
@@ -51,27 +50,8 @@ def tiny_folder(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ray"), seed=43)
 
 
-def write_images(folder: Path, count: int, broken=()) -> list[str]:
-    """``count`` small PNGs of varied sizes under ``folder/images``; those in ``broken`` are not images."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(count)
-    names = []
-    for index in range(count):
-        name = f"images/img_{index:03d}.png"
-        if index in broken:
-            (folder / name).write_bytes(b"not an image")
-        else:
-            pixels = (torch.rand(20 + index % 7, 30, 3, generator=generator) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(folder / name)
-        names.append(name)
-    return names
-
-
-def write_meta(folder: Path, names: list[str], file_name: str = "test_meta.json") -> Path:
-    records = [{"id": f"{name}#{index}", "image": name, "gt_score": index / 4} for index, name in enumerate(names)]
-    meta = folder / file_name
-    meta.write_text(json.dumps(records))
-    return meta
+def image_names(meta: Path) -> list[str]:
+    return [record.image for record in load_test_records(meta)]
 
 
 def infer(model, metas, root, save_dir, *extra) -> int:
@@ -105,7 +85,7 @@ def numpy_batch(table) -> dict:
 
 
 def test_decode_batch_reads_bytes_paths_and_arrays(tmp_path):
-    names = write_images(tmp_path, 3)
+    names = image_names(make_dataset(tmp_path, 3))
     paths = [str(tmp_path / name) for name in names]
     expected = process_images([load_image(path) for path in paths]).numpy()
     arrays = np.empty(3, dtype=object)
@@ -141,7 +121,7 @@ def test_decode_batch_reads_bytes_paths_and_arrays(tmp_path):
 
 
 def test_batch_scorer_adds_typed_score_columns(tiny_folder, tmp_path):
-    names = write_images(tmp_path, 4, broken={2})
+    names = image_names(make_dataset(tmp_path, 4, broken={2}))
     decoded = decode_batch({"image": np.array(names, dtype=object)}, root_dir=tmp_path)
     scored = BatchScorer(tiny_folder, device="cpu", dtype="float32", with_prob=True)(numpy_batch(decoded))
     probs = ["prob_" + token for token in SCORE_TOKENS_REPORT_ORDER]
@@ -174,7 +154,7 @@ def example():
 
 
 def test_the_example_scores_parquet_image_bytes_into_parquet(local_ray, example, tiny_folder, tmp_path):
-    names = write_images(tmp_path, 5, broken={3})
+    names = image_names(make_dataset(tmp_path, 5, broken={3}))
     keys = [f"k{index}" for index in range(5)]
     source = pa.table({"key": keys, "jpeg": [(tmp_path / name).read_bytes() for name in names]})
     pq.write_table(source, tmp_path / "images.parquet")
@@ -198,8 +178,8 @@ def test_the_example_scores_parquet_image_bytes_into_parquet(local_ray, example,
 
 
 def test_the_example_reads_folders_parquet_and_metas(local_ray, example, tmp_path):
-    names = write_images(tmp_path, 3)
-    meta = write_meta(tmp_path, names)
+    meta = make_dataset(tmp_path, 3)
+    names = image_names(meta)
     pq.write_table(pa.table({"image": [b"x"], "n": [1]}), tmp_path / "one.parquet")
 
     def read(*arguments):
@@ -213,7 +193,7 @@ def test_the_example_reads_folders_parquet_and_metas(local_ray, example, tmp_pat
     assert rows[0]["bytes"] == (tmp_path / names[0]).read_bytes()
     rows, columns = read(str(meta), "--root-dir", str(tmp_path))
     assert columns == {"image_column": "image"} and rows[0]["image"] == str(tmp_path / names[0])
-    assert (rows[0]["id"], rows[0]["gt_score"]) == (f"{names[0]}#0", 0.0)
+    assert (rows[0]["id"], rows[0]["gt_score"]) == ("img_000->0.0", 0.0)
     assert read(str(tmp_path / "one.parquet"))[0] == [{"image": b"x", "n": 1}]
     assert example.main([str(tmp_path / "nothing"), "--output", "o", "--model-path", "m"]) == 2
 
@@ -227,7 +207,7 @@ def test_an_empty_actor_pool_is_refused_before_ray_starts(tmp_path, capsys):
 
 
 def test_a_model_the_actors_cannot_load_is_a_one_line_error(local_ray, tmp_path, capsys):
-    meta = write_meta(tmp_path, write_images(tmp_path, 1))
+    meta = make_dataset(tmp_path, 1)
     assert infer(tmp_path / "no_model", meta, tmp_path, tmp_path / "out", "--engine", "ray") == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("qscorer infer: error: ") and str(tmp_path / "no_model") in last_line
@@ -246,8 +226,8 @@ def test_ray_engine_reproduces_the_original_iqa_eval(local_ray, parity_dir, gold
 
 
 def test_ray_engine_writes_failures_and_resumes_like_the_default_engine(local_ray, tiny_folder, tmp_path):
-    names = write_images(tmp_path, 8, broken={1, 6})
-    metas = [write_meta(tmp_path, names, "a_meta.json"), write_meta(tmp_path, names[::-1][:5], "b_meta.json")]
+    metas = [make_dataset(tmp_path, 8, broken={1, 6}), tmp_path / "b_meta.json"]
+    metas[1].write_text(json.dumps(json.loads(metas[0].read_text())[::-1][:5]))
     assert infer(tiny_folder, metas, tmp_path, tmp_path / "torch", "--batch-size", "3") == 2
     expected = [read_json_lines(tmp_path / "torch" / meta.name) for meta in metas]
 
@@ -255,7 +235,7 @@ def test_ray_engine_writes_failures_and_resumes_like_the_default_engine(local_ra
     resumed.mkdir()
     marked = dict(expected[0][2], score=-1.0)
     part = "".join(json.dumps(line) + "\n" for line in [expected[0][0], expected[0][1], marked])
-    (resumed / ".a_meta.json.part0").write_text(part + '{"id": "images/img_004.png#4", "sc')
+    (resumed / ".test_meta.json.part0").write_text(part + '{"id": "img_004->0.4", "sc')
     assert infer(tiny_folder, metas, tmp_path, resumed, "--batch-size", "3", "--engine", "ray") == 2
     actual = [read_json_lines(resumed / meta.name) for meta in metas]
     assert actual[0][2] == marked, "a record written before the run was scored again"
@@ -291,7 +271,7 @@ def _descendants_running(marker: str) -> list[int]:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the actor's process through /proc")
 def test_a_scoring_actor_killed_mid_run_is_replaced_and_no_record_is_lost_or_repeated(local_ray, tiny_folder, tmp_path):
     count = 24
-    meta = write_meta(tmp_path, write_images(tmp_path, count))
+    meta = make_dataset(tmp_path, count)
     assert infer(tiny_folder, meta, tmp_path, tmp_path / "torch", "--batch-size", "2") == 0
     part = tmp_path / "ray" / f".{meta.name}.part0"
     killed, finished = {}, threading.Event()
