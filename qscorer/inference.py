@@ -7,7 +7,8 @@ For each meta file, ``<save-dir>/<meta file name>`` receives one JSON line per r
 Work in progress lives in part files (``.<name>.part<rank>``), appended and flushed batch by batch; when a meta is
 done, they are merged into the output in meta order and removed. A rerun skips every record already in the output
 or in a part file (a line cut short by a killed process is dropped), so resuming never loses or duplicates a record.
-Under ``torchrun`` each process scores every world_size-th pending record.
+Under ``torchrun`` each process scores every world_size-th pending record; ``qscorer.ray_inference`` scores the
+pending records on Ray and writes them through the same part files.
 """
 
 from __future__ import annotations
