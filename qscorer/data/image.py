@@ -23,7 +23,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -86,7 +85,7 @@ def expand2square(image: Image.Image, background: tuple[int, int, int] = IMAGE_B
     return canvas
 
 
-def load_image(source: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+def load_image(source, name: str | None = None) -> Image.Image:
     """Open an image (a path, or a binary file object such as ``io.BytesIO(data)``) and return it as RGB
     (:func:`to_rgb`); errors name ``name`` (default: the path).
 
