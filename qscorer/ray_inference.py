@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 
 from tqdm import tqdm
 
@@ -23,6 +24,9 @@ from .inference import MetaInference
 from .ray_data import check_pool, image_score_from_row, raising_user_errors, require_ray, score_dataset
 
 logger = logging.getLogger(__name__)
+
+MAX_BLOCKS = 10_000
+"""At most this many blocks of pending records: results come back block by block."""
 
 
 def infer_metas_ray(
@@ -57,8 +61,10 @@ def infer_metas_ray(
     ]
     if rows:
         with ray_session(address), raising_user_errors():
+            # One block per batch (at most MAX_BLOCKS), so that scores come back, and are written, batch by batch.
+            blocks = min(math.ceil(len(rows) / batch_size), MAX_BLOCKS)
             scored = score_dataset(
-                ray.data.from_items(rows),
+                ray.data.from_items(rows, override_num_blocks=blocks),
                 model_path,
                 model_base,
                 preprocessor_path,
