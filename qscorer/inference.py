@@ -9,7 +9,8 @@ empty output file.
 Work in progress lives in part files (``.<name>.part<rank>``), appended and flushed batch by batch; when a meta is
 done, they are merged into the output in meta order and removed. A rerun skips every record already in the output
 or in a part file (a line cut short by a killed process is dropped), so resuming never loses or duplicates a record.
-Under ``torchrun`` each process scores every world_size-th pending record.
+Under ``torchrun`` each process scores every world_size-th pending record; ``qscorer.ray_inference`` scores the
+pending records on Ray and writes them through the same part files.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -89,7 +91,11 @@ def read_json_lines(path: Path) -> list[dict]:
 
 
 class MetaInference:
-    """Scores one meta file's records into ``save_dir`` with a :class:`~qscorer.scoring.Scorer`."""
+    """Scores one meta file's records into ``save_dir`` with a :class:`~qscorer.scoring.Scorer`.
+
+    ``scorer`` may be None for an engine that scores elsewhere and writes through :meth:`line` and :meth:`append`
+    (``qscorer.ray_inference``).
+    """
 
     def __init__(self, scorer, meta_path, root_dir, save_dir, *, with_prob: bool, rank: int = 0, world_size: int = 1):
         self.scorer = scorer
@@ -126,45 +132,53 @@ class MetaInference:
         logger.info("%s: %d records, %d to score", self.meta_path, len(records), len(pending))
         return pending
 
+    def image_path(self, record: TestRecord) -> Path:
+        """Where the image of ``record`` is read from (its path in the meta, under ``root_dir``)."""
+        return self.root_dir / record.image
+
+    def open_part(self) -> TextIO:
+        """This process's part file, opened for appending (:meth:`append`)."""
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        return open(self.part_file(self.rank), "a", encoding="utf-8")
+
     def run(self, pending: list[TestRecord]) -> int:
         """Score this process's share (every world_size-th) of ``pending``; returns how many it scored."""
         pending = pending[self.rank :: self.world_size]
         if not pending:
             return 0
-        from .scoring import ImageSourceDataset, collate_sources
+        from .scoring import ImageScore, ImageSourceDataset, collate_sources
 
         loader = DataLoader(
-            ImageSourceDataset([self.root_dir / record.image for record in pending]),
+            ImageSourceDataset([self.image_path(record) for record in pending]),
             batch_size=self.scorer.batch_size,
             num_workers=self.scorer.num_workers,
             collate_fn=collate_sources,
         )
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.part_file(self.rank), "a", encoding="utf-8") as part:
+        with self.open_part() as part:
             progress = tqdm(total=len(pending), desc=self.meta_path.name, unit="img", disable=self.rank != 0)
             for indices, pixels, errors in loader:
-                prediction = None
                 good = [index for index in indices if index not in errors]
-                if good:
-                    prediction = self.scorer.predict(pixels)
+                prediction = self.scorer.predict(pixels) if good else None
+                lines = []
                 for index in indices:
-                    row = good.index(index) if index in good else None
-                    line = self._line(pending[index], prediction, row, errors.get(index))
-                    part.write(json.dumps(line, allow_nan=False) + "\n")
-                part.flush()
-                os.fsync(part.fileno())
+                    record = pending[index]
+                    if index in errors:
+                        result = ImageScore(image=record.image, error=errors[index])
+                    else:
+                        result = self.scorer.image_score(record.image, prediction, good.index(index))
+                    lines.append(self.line(record, result))
+                self.append(part, lines)
                 progress.update(len(indices))
             progress.close()
         return len(pending)
 
-    def _line(self, record: TestRecord, prediction, row: int | None, error: str | None) -> dict:
+    def line(self, record: TestRecord, result) -> dict:
+        """The output line of ``record`` from its :class:`~qscorer.scoring.ImageScore` (a failure record when
+        ``result.error`` is set)."""
         line = {"id": record.id, "image": record.image, "gt_score": record.gt_score}
-        if error is None:
-            result = self.scorer.image_score(record.image, prediction, row)
-            error = result.error
-        if error is not None:
-            logger.error("%s", error)
-            line["error"] = error
+        if result.error is not None:
+            logger.error("%s", result.error)
+            line["error"] = result.error
             return line
         line["logits"] = result.logits
         line["score"] = result.score
@@ -172,8 +186,17 @@ class MetaInference:
             line["probs"] = result.probs
         return line
 
-    def finalize(self) -> Path:
-        """Merge the output and the part files into the output, in meta order, and remove the part files.
+    @staticmethod
+    def append(part: TextIO, lines: list[dict]) -> None:
+        """Append ``lines`` to an open part file and make them durable (a killed process keeps them)."""
+        for line in lines:
+            part.write(json.dumps(line, allow_nan=False) + "\n")
+        part.flush()
+        os.fsync(part.fileno())
+
+    def finalize(self) -> int:
+        """Merge the output and the part files into the output, in meta order, and remove the part files; returns
+        how many of the meta's records failed.
 
         A record written more than once (a retried failure) keeps its newest line.
         """
@@ -194,7 +217,7 @@ class MetaInference:
             path.unlink()
         failed = sum("error" in done[record.id] for record in records)
         logger.info("wrote %s (%d records, %d failed)", self.output, len(records), failed)
-        return self.output
+        return failed
 
 
 def infer_metas(
@@ -224,7 +247,6 @@ def infer_metas(
         job.run(pending)
         barrier()
         if rank == 0:
-            output = job.finalize()
-            failed += sum("error" in line for line in read_json_lines(output))
+            failed += job.finalize()
         barrier()
     return failed

@@ -1,4 +1,5 @@
-"""``qscorer infer``: batch inference over test metas, one JSON-lines file per meta, resumable, ``torchrun``-aware."""
+"""``qscorer infer``: batch inference over test metas, one JSON-lines file per meta, resumable, ``torchrun``-aware;
+``--engine ray`` runs it on Ray Data instead (the ``ray`` extra, imported only then)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import logging
 import os
 
 from ..errors import QScorerError
-from .options import add_model_arguments, add_scoring_arguments, build_scorer, share_cpu_with_workers
+from .options import (
+    add_model_arguments,
+    add_scoring_arguments,
+    build_scorer,
+    scorer_options,
+    share_cpu_with_workers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -21,15 +28,46 @@ def add_arguments(parser) -> None:
         "--with-prob", nargs="?", const="true", default="false", help="also write the five probabilities"
     )
     parser.add_argument("--retry-failed", action="store_true", help="score again the records that failed before")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument(
+        "--engine",
+        choices=["torch", "ray"],
+        default="torch",
+        help="torch (default): this process, or each torchrun process; ray: Ray Data, images decoded in CPU tasks "
+        "and scored in an actor pool (pip install 'qscorer[ray]'; --num-workers does not apply)",
+    )
+    engine.add_argument(
+        "--ray-address", default=None, help="Ray cluster (auto, HOST:PORT, ray://...); default: RAY_ADDRESS or local"
+    )
+    engine.add_argument("--num-actors", type=int, default=None, help="scoring actors (default 1)")
+    engine.add_argument("--num-gpus-per-actor", type=float, default=None, help="GPUs per actor (default 0: CPU)")
 
 
 def run(args) -> int:
+    with_prob = _truthy(args.with_prob)
+    ray_flags = {
+        "--ray-address": args.ray_address,
+        "--num-actors": args.num_actors,
+        "--num-gpus-per-actor": args.num_gpus_per_actor,
+    }
+    if args.engine == "ray":
+        failed = _run_on_ray(args, with_prob)
+    elif any(value is not None for value in ray_flags.values()):
+        given = [flag for flag, value in ray_flags.items() if value is not None]
+        raise QScorerError(f"{', '.join(given)} only apply with --engine ray")
+    else:
+        failed = _run_with_torch(args, with_prob)
+    if failed:
+        logger.error("%d record(s) failed (see their 'error' field)", failed)
+    return 2 if failed else 0
+
+
+def _run_with_torch(args, with_prob: bool) -> int:
     import torch
     import torch.distributed as dist
 
     from ..inference import infer_metas
 
-    with_prob = _truthy(args.with_prob)
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
@@ -39,15 +77,35 @@ def run(args) -> int:
     try:
         share_cpu_with_workers(args.num_workers, device)
         scorer = build_scorer(args, device=device)
-        failed = infer_metas(
+        return infer_metas(
             scorer, args.meta_paths, args.root_dir, args.save_dir, with_prob=with_prob, retry_failed=args.retry_failed
         )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if failed:
-        logger.error("%d record(s) failed (see their 'error' field)", failed)
-    return 2 if failed else 0
+
+
+def _run_on_ray(args, with_prob: bool) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise QScorerError("--engine ray runs in one driver process: start it without torchrun")
+    from ..ray_inference import infer_metas_ray
+
+    options = scorer_options(args)
+    options.pop("num_workers")
+    return infer_metas_ray(
+        args.meta_paths,
+        args.root_dir,
+        args.save_dir,
+        model_path=args.model_path,
+        model_base=args.model_base,
+        preprocessor_path=args.preprocessor_path,
+        with_prob=with_prob,
+        retry_failed=args.retry_failed,
+        address=args.ray_address,
+        num_actors=1 if args.num_actors is None else args.num_actors,
+        num_gpus_per_actor=0 if args.num_gpus_per_actor is None else args.num_gpus_per_actor,
+        **options,
+    )
 
 
 def _truthy(value: str) -> bool:

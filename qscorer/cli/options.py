@@ -70,10 +70,9 @@ def model_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def build_scorer(args: argparse.Namespace, **overrides):
-    """A :class:`~qscorer.scoring.Scorer` from the model and scoring options; ``overrides`` replace any keyword."""
-    from ..scoring import Scorer
-
+def scorer_options(args: argparse.Namespace, **overrides) -> dict:
+    """Keyword arguments of :class:`~qscorer.scoring.Scorer` (after the three paths) from the model and scoring
+    options; ``overrides`` replace any keyword."""
     options = dict(
         model_options(args),
         prompt=args.prompt,
@@ -82,7 +81,14 @@ def build_scorer(args: argparse.Namespace, **overrides):
         num_workers=args.num_workers,
     )
     options.update(overrides)
-    return Scorer(args.model_path, args.model_base, args.preprocessor_path, **options)
+    return options
+
+
+def build_scorer(args: argparse.Namespace, **overrides):
+    """A :class:`~qscorer.scoring.Scorer` from the model and scoring options; ``overrides`` replace any keyword."""
+    from ..scoring import Scorer
+
+    return Scorer(args.model_path, args.model_base, args.preprocessor_path, **scorer_options(args, **overrides))
 
 
 def share_cpu_with_workers(num_workers: int, device: str) -> None:

@@ -4,8 +4,8 @@
   (exact original ids on every transformers version), :func:`save_tokenizer`, :func:`score_token_ids`.
 - ``conversation``: the templates and prompts (:func:`build_scoring_prompt`, :func:`scoring_prompt_ids`,
   :func:`build_training_prompt`).
-- ``image``: :func:`load_image`, :func:`to_rgb`, :func:`expand2square`, :func:`process_images`,
-  :class:`ImageProcessor`.
+- ``image``: :func:`load_image`, :func:`image_from_array`, :func:`to_rgb`, :func:`expand2square`,
+  :func:`process_images`, :class:`ImageProcessor`.
 - ``datasets``: :func:`preprocess` (label masking), meta loading, :func:`load_video_frames`
   (PyAV), :class:`SingleDataset`, :class:`PairDataset` and their collators.
 
@@ -35,6 +35,7 @@ _LAZY = {
     "ImageProcessor": "image",
     "UnreadableImageError": "image",
     "expand2square": "image",
+    "image_from_array": "image",
     "load_image": "image",
     "process_images": "image",
     "to_rgb": "image",

@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..constants import CLIP_MEAN, CLIP_STD, IMAGE_BACKGROUND
 from ..errors import QScorerError
@@ -118,6 +118,8 @@ def load_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None)
         raise UnreadableImageError(f"image file not found: {name}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UnreadableImageError(f"image {name} is refused as a possible decompression bomb: {error}") from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError(f"cannot read image {name}: not a recognised image format") from None
     except Exception as error:
         # Decoders raise many kinds of errors on damaged or hostile files (OSError, SyntaxError, struct.error,
         # IndexError, MemoryError, ...): every one of them means this file cannot be read.
@@ -133,6 +135,20 @@ def check_pixel_limit(size: tuple[int, int], name: str) -> None:
             f"image {name} has {width} x {height} = {width * height} pixels, more than PIL's decompression-bomb "
             f"limit PIL.Image.MAX_IMAGE_PIXELS = {limit}; it is refused (raise that limit to read it)"
         )
+
+
+def image_from_array(array: np.ndarray, name: str = "image array") -> Image.Image:
+    """The RGB image of a uint8 array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] (alpha dropped, as in
+    :func:`to_rgb`); other shapes and dtypes are errors naming ``name``."""
+    array = np.asarray(array)
+    channels = array.shape[2] if array.ndim == 3 else 1
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or channels not in (1, 3, 4) or 0 in array.shape[:2]:
+        raise UnreadableImageError(
+            f"{name}: expected a uint8 array [H, W] or [H, W, 1|3|4], got {array.dtype} {list(array.shape)}"
+        )
+    if array.ndim == 3 and channels == 1:
+        array = array[:, :, 0]
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
 
 
 def _normalisation_table() -> np.ndarray:
