@@ -194,7 +194,7 @@ def test_api_key(tiny_scorer, images, expected):
         assert status == 200 and health["api_key_required"] is True
         code, body, _ = post_files(url + "/score", good, {"Authorization": "Bearer s3cret"})
         assert code == 200 and body["results"][0]["score"] == pytest.approx(expected[images[0].name].score, abs=1e-5)
-        assert Client(url, api_key="s3cret").info()["model"] == {}
+        assert Client(url, api_key="s3cret").info()["model"]["kind"] == "full"
         with pytest.raises(ServiceError, match="401 wrong API key") as error:
             Client(url, api_key="wrong").score(images[0])
         assert error.value.status == 401
@@ -235,7 +235,8 @@ def test_health_info_page_and_api_description(tiny_scorer):
     with background_server(create_app(tiny_scorer, model_info=model_info)) as url:
         status, info = get(url + "/info")
         assert status == 200
-        assert info["model"] == model_info
+        assert info["model"] == {"kind": "full", "model_folder": str(tiny_scorer.model.load_report.model_folder),
+                                 "base_folder": None, "quantization": None, **model_info}
         assert (info["dtype"], info["device"], info["prompt"], info["clamp"]) == ("float32", "cpu", "eval", False)
         assert info["max_batch_size"] == 4 and "api_key" not in info
         from qscorer import __version__

@@ -119,7 +119,8 @@ SCORE_BODY = {
 
 
 def create_app(scorer, settings: ServeSettings | None = None, *, model_info: dict | None = None) -> FastAPI:
-    """The service around ``scorer``; ``model_info`` (paths, loading options) is shown by ``GET /info``."""
+    """The service around ``scorer``. ``GET /info`` shows the loaded checkpoint (kind, folders, quantization) and
+    ``model_info`` (e.g. the locations and loading options as requested)."""
     settings = settings or ServeSettings()
     batcher = DynamicBatcher(scorer, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
     decoders = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="qscorer-decode")
@@ -174,7 +175,7 @@ def create_app(scorer, settings: ServeSettings | None = None, *, model_info: dic
         parameter = next(scorer.model.parameters())
         return {
             "qscorer_version": __version__,
-            "model": model_info or {},
+            "model": {**_loaded_from(scorer.model), **(model_info or {})},
             "dtype": str(parameter.dtype).removeprefix("torch."),
             "device": str(parameter.device),
             "prompt": scorer.prompt,
@@ -192,6 +193,15 @@ def create_app(scorer, settings: ServeSettings | None = None, *, model_info: dic
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _loaded_from(model) -> dict:
+    """The checkpoint kind, folders and quantization of a model from ``load_pretrained_model`` (else nothing)."""
+    report = getattr(model, "load_report", None)
+    if report is None:
+        return {}
+    return {"kind": report.kind, "model_folder": report.model_folder, "base_folder": report.base_folder,
+            "quantization": report.quantization}
 
 
 def _result_record(result) -> dict:

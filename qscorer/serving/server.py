@@ -50,10 +50,14 @@ def serve(
     sock = sock or listen(host, port)
     server = uvicorn.Server(_config(app, access_log))
     stopped_by: list[int] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda received, frame: stopped_by.append(received))
+    previous = {signum: signal.signal(signum, lambda received, frame: stopped_by.append(received))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     logger.info("serving on %s (the web page is at /, the API documentation at /docs)", url_of(sock))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if stopped_by:
         logger.info("stopped by %s", signal.Signals(stopped_by[0]).name)
     return 0
