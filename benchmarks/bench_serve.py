@@ -7,13 +7,17 @@ For each model config, side by side in one run: ``clients`` concurrent clients e
 - ``server_batch_1``: the same service with ``--max-batch-size 1``,
 
 and the same image sequence is scored in-process (``in_process``: ``Scorer.score`` at batch size B, as
-``qscorer score`` does). Every response is checked against the in-process result of its own images: ``failed``
-(an error answer), ``lost`` (no answer or a wrong count) and ``mismatched`` (a name or a score that is not its
-image's) must all be 0. The arms alternate over ``--rounds`` rounds so that a change of machine load hits them all.
-The clients run in a separate process (stdlib ``qscorer.client``), the service in this one (one model for all arms).
+``qscorer score`` does; in a worker thread, like the service's model). Every response is checked against the
+in-process result of its own images: ``failed`` (an error answer), ``lost`` (no answer or a wrong count) and
+``mismatched`` (a name or a score that is not its image's) must all be 0. The arms alternate over ``--rounds``
+rounds so that a change of machine load hits them all. The clients run in a separate process (stdlib
+``qscorer.client``), the service in this one (one model for all arms).
 
 Goals: server images/s >= 0.8 x in-process (``server_vs_in_process``), and ``batching_gain`` (server / server at
-batch 1) close to ``model_batch_gain`` (the model alone at batch B / batch 1, on decoded pixels).
+batch 1) close to ``model_batch_gain`` (the model alone at batch B / batch 1, on decoded pixels). On a shared
+machine, wall-clock rates follow the CPU share each arm happened to get; ``cpu_ms_per_image`` (CPU time of the
+service's process, or of the in-process scoring, per image) and ``cpu_server_vs_in_process`` show the service's own
+cost whatever the load.
 
 CPU (this machine):  python benchmarks/bench_serve.py                     # tiny, 32 clients x 20 requests
                      python benchmarks/bench_serve.py --configs mid --requests 3
@@ -30,12 +34,15 @@ import multiprocessing
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from qscorer.cli.serve import decode_threads_default
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,9 +115,17 @@ def serve_and_load(scorer, plan, settings, timeout: float) -> dict:
 
     app = create_app(scorer, settings)
     with background_server(app) as url, multiprocessing.get_context("spawn").Pool(1) as clients:
+        cpu = process_cpu_s()
         outcome = clients.apply(run_clients, (url, plan, timeout))
+        outcome["cpu_s"] = process_cpu_s() - cpu
     outcome["batch_sizes"] = dict(sorted(app.state.batcher.batch_sizes.items()))
     return outcome
+
+
+def process_cpu_s() -> float:
+    """CPU seconds used so far by this process's threads (the service's, not the clients' process)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def check(answers: list[dict], expected: dict[str, float], tolerance: float) -> dict:
@@ -126,6 +141,14 @@ def check(answers: list[dict], expected: dict[str, float], tolerance: float) -> 
     ]
     return {"failed": len(failed), "lost": len(lost), "mismatched": len(mismatched),
             "first_error": failed[0]["error"] if failed else None}
+
+
+def in_model_thread(function, *arguments):
+    """Run ``function`` in a fresh worker thread, as the service runs its model: which thread calls torch changes
+    its CPU speed (OpenMP thread teams; on a loaded 2-core machine the main thread was measured 4x slower), and the
+    comparison must be about the service alone."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(function, *arguments).result()
 
 
 def model_images_per_s(scorer, batch: int, repeats: int = 3) -> float:
@@ -165,9 +188,9 @@ def bench_config(name: str, scorer, args, images: list[Path]) -> dict:
             for size, count in outcome["batch_sizes"].items():
                 batch_sizes[arm][size] = batch_sizes[arm].get(size, 0) + count
         paths = [path for requests in round_plan for request in requests for path in request]
-        start = time.perf_counter()
-        results = batched.score(paths)
-        arms["in_process"].append({"wall_s": time.perf_counter() - start, "images": len(paths)})
+        start, cpu = time.perf_counter(), process_cpu_s()
+        results = in_model_thread(batched.score, paths)
+        arms["in_process"].append({"wall_s": time.perf_counter() - start, "cpu_s": process_cpu_s() - cpu})
         expected.update((path, result.score) for path, result in zip(paths, results))
 
     total_images = sum(len(request) for requests in plan for request in requests)
@@ -179,18 +202,24 @@ def bench_config(name: str, scorer, args, images: list[Path]) -> dict:
         wall = sum(outcome["wall_s"] for outcome in arms[arm])
         row[arm] = {
             "images_per_s": round(total_images / wall, 2),
+            "cpu_ms_per_image": round(1000 * sum(outcome["cpu_s"] for outcome in arms[arm]) / total_images, 1),
             "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
             "p95_ms": round(1000 * latencies[int(0.95 * (len(latencies) - 1))], 1),
             "answers": len(answers),
             **check(answers, expected, args.tolerance),
             "batch_sizes": dict(sorted(batch_sizes[arm].items())),
         }
-    row["in_process"] = {"images_per_s": round(total_images / sum(r["wall_s"] for r in arms["in_process"]), 2)}
+    row["in_process"] = {
+        "images_per_s": round(total_images / sum(outcome["wall_s"] for outcome in arms["in_process"]), 2),
+        "cpu_ms_per_image": round(1000 * sum(outcome["cpu_s"] for outcome in arms["in_process"]) / total_images, 1),
+    }
     row["server_vs_in_process"] = round(row["server"]["images_per_s"] / row["in_process"]["images_per_s"], 3)
-    row["batching_gain"] = round(row["server"]["images_per_s"] / row["server_batch_1"]["images_per_s"], 3)
-    row["model_batch_gain"] = round(
-        model_images_per_s(batched, args.max_batch_size) / model_images_per_s(batched, 1), 3
+    row["cpu_server_vs_in_process"] = round(
+        row["server"]["cpu_ms_per_image"] / row["in_process"]["cpu_ms_per_image"], 3
     )
+    row["batching_gain"] = round(row["server"]["images_per_s"] / row["server_batch_1"]["images_per_s"], 3)
+    batched_speed = in_model_thread(model_images_per_s, batched, args.max_batch_size)
+    row["model_batch_gain"] = round(batched_speed / in_model_thread(model_images_per_s, batched, 1), 3)
     return row
 
 
@@ -207,7 +236,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="the arms alternate over this many rounds")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
-    parser.add_argument("--decode-threads", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--decode-threads", type=int, default=decode_threads_default(),
+                        help="as qscorer serve's --num-workers (default: half the cores, at most 8)")
     parser.add_argument("--pool", type=int, default=64, help="distinct images the requests draw from")
     parser.add_argument("--image-size", type=int, nargs=2, default=[512, 512], metavar=("WIDTH", "HEIGHT"))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a client waits for one answer")
@@ -224,7 +254,10 @@ def main() -> None:
 def measure(args) -> dict:
     import torch
 
+    from qscorer.cli.options import share_cpu_with_workers
     from qscorer.scoring import Scorer
+
+    share_cpu_with_workers(args.decode_threads, args.device)  # as qscorer serve does, for every arm
 
     report = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",

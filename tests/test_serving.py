@@ -74,6 +74,7 @@ def test_goldens_of_the_original_through_the_service(parity_dir, golden_dir, par
         assert status == 200
         check(body["results"])
         encoded = {"images": [base64.b64encode(data).decode() for _, data in files]}
+        encoded["images"][1] = "data:image/jpeg;base64," + encoded["images"][1]  # data: URLs are taken too
         status, body, _ = post(url + "/score", json.dumps(encoded).encode(), "application/json")
         assert status == 200 and [record["image"] for record in body["results"]] == ["images[0]", "images[1]",
                                                                                      "images[2]"]
@@ -159,6 +160,8 @@ def test_bad_parts_get_a_4xx_naming_the_part_and_the_service_goes_on(guarded_url
         (b'{"images": [7]}', "application/json", 400, "images[0] must be a base64 string"),
         (b'{"pictures": []}', "application/json", 400, 'object {"images"'),
         (b'{"images": []}', "application/json", 400, "no images"),
+        (b"--b\r\nContent-Disposition: form-data; name=\"images\"\r\n\r\nhello\r\n--b--\r\n",
+         "multipart/form-data; boundary=b", 400, "images[0] is a text field, not a file"),
         (b"images=1", "application/x-www-form-urlencoded", 415, "unsupported content type"),
         (b"--b\r\nContent-Disposition: form-data; name=\"photo\"; filename=\"a.png\"\r\n\r\nxx\r\n--b--\r\n",
          "multipart/form-data; boundary=b", 400, "unexpected form field 'photo'"),

@@ -5,14 +5,25 @@ from __future__ import annotations
 import argparse
 import os
 
-from .options import add_model_arguments, add_scoring_arguments, build_scorer, model_options
+from .options import (
+    add_model_arguments,
+    add_scoring_arguments,
+    build_scorer,
+    model_options,
+    share_cpu_with_workers,
+)
 
 API_KEY_VARIABLE = "QSCORER_API_KEY"
 
 
+def decode_threads_default() -> int:
+    """Threads that decode uploads: half the cores (at most 8), so that on CPU the model keeps the other half."""
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
+
+
 def add_arguments(parser) -> None:
     add_model_arguments(parser)
-    add_scoring_arguments(parser, batch_size=8, num_workers=min(8, os.cpu_count() or 1))
+    add_scoring_arguments(parser, batch_size=8, num_workers=decode_threads_default())
     server = parser.add_argument_group("service")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     server.add_argument("--port", type=int, default=8000)
@@ -53,6 +64,7 @@ def run(args) -> int:
         decode_threads=args.num_workers,
     )
     sock = listen(args.host, args.port)
+    share_cpu_with_workers(args.num_workers, args.device)
     scorer = build_scorer(args)
     model_info = {
         "model_path": args.model_path,
