@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qscorer.cli.serve import decode_threads_default
@@ -68,10 +69,11 @@ def make_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) 
 
 
 def build_checkpoint(name: str, folder: Path) -> Path:
-    """A random-weight checkpoint of ``benchmarks/bench_scoring.py``'s config ``name`` (tiny or mid), initialised at
-    width^-0.5 so that scores differ between images (at 0.02 a narrow model scores every image alike)."""
+    """A random-weight checkpoint folder of ``random_weights.CONFIGS[name]`` (tiny or mid; loaded like a user's),
+    initialised at width^-0.5 so that scores differ between images (at 0.02 a narrow model scores every image
+    alike)."""
     sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]
-    from bench_scoring import CONFIGS
+    from random_weights import CONFIGS
     from tiny import save_tiny_checkpoint
 
     config = CONFIGS[name]
@@ -167,23 +169,38 @@ def model_images_per_s(scorer, batch: int, repeats: int = 3) -> float:
     return batch / statistics.median(timings)
 
 
-def bench_config(name: str, scorer, args, images: list[Path]) -> dict:
+@dataclass
+class Load:
+    """The load of one row: clients x requests (1-4 images each), alternating arms over ``rounds``."""
+
+    clients: int = 32
+    requests: int = 20
+    rounds: int = 2
+    max_batch_size: int = 8
+    max_wait_ms: float = 10.0
+    decode_threads: int = field(default_factory=decode_threads_default)
+    timeout: float = 600.0
+    tolerance: float = 1e-5
+
+
+def service_row(name: str, scorer, images: list[Path], load: Load) -> dict:
+    """The three arms (service at batch B and 1, in-process at B) on one model, with the checks and ratios."""
     from qscorer.scoring import Scorer
     from qscorer.serving import ServeSettings
 
-    batched = Scorer.from_model(scorer.model, scorer.tokenizer, clamp=False, batch_size=args.max_batch_size)
+    batched = Scorer.from_model(scorer.model, scorer.tokenizer, clamp=False, batch_size=load.max_batch_size)
     single = Scorer.from_model(scorer.model, scorer.tokenizer, clamp=False, batch_size=1)
-    settings = ServeSettings(max_wait_ms=args.max_wait_ms, decode_threads=args.decode_threads, max_queue=1024)
-    plan = plan_requests(images, args.clients, args.requests, seed=1)
-    per_round = -(-args.requests // args.rounds)
+    settings = ServeSettings(max_wait_ms=load.max_wait_ms, decode_threads=load.decode_threads, max_queue=1024)
+    plan = plan_requests(images, load.clients, load.requests, seed=1)
+    per_round = -(-load.requests // load.rounds)
     rounds = [[requests[start:start + per_round] for requests in plan]
-              for start in range(0, args.requests, per_round)]
+              for start in range(0, load.requests, per_round)]
     arms = {"server": [], "server_batch_1": [], "in_process": []}
     expected: dict[str, float] = {}
     batch_sizes: dict[str, dict] = {"server": {}, "server_batch_1": {}}
     for round_plan in rounds:
         for arm, arm_scorer in (("server", batched), ("server_batch_1", single)):
-            outcome = serve_and_load(arm_scorer, round_plan, settings, args.timeout)
+            outcome = serve_and_load(arm_scorer, round_plan, settings, load.timeout)
             arms[arm].append(outcome)
             for size, count in outcome["batch_sizes"].items():
                 batch_sizes[arm][size] = batch_sizes[arm].get(size, 0) + count
@@ -194,8 +211,8 @@ def bench_config(name: str, scorer, args, images: list[Path]) -> dict:
         expected.update((path, result.score) for path, result in zip(paths, results))
 
     total_images = sum(len(request) for requests in plan for request in requests)
-    row = {"config": name, "clients": args.clients, "requests_per_client": args.requests,
-           "images": total_images, "max_batch_size": args.max_batch_size}
+    row = {"config": name, "clients": load.clients, "requests_per_client": load.requests,
+           "images": total_images, "max_batch_size": load.max_batch_size}
     for arm in ("server", "server_batch_1"):
         answers = [answer for outcome in arms[arm] for answer in outcome["answers"]]
         latencies = sorted(answer["latency_s"] for answer in answers)
@@ -206,7 +223,7 @@ def bench_config(name: str, scorer, args, images: list[Path]) -> dict:
             "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
             "p95_ms": round(1000 * latencies[int(0.95 * (len(latencies) - 1))], 1),
             "answers": len(answers),
-            **check(answers, expected, args.tolerance),
+            **check(answers, expected, load.tolerance),
             "batch_sizes": dict(sorted(batch_sizes[arm].items())),
         }
     row["in_process"] = {
@@ -218,7 +235,7 @@ def bench_config(name: str, scorer, args, images: list[Path]) -> dict:
         row["server"]["cpu_ms_per_image"] / row["in_process"]["cpu_ms_per_image"], 3
     )
     row["batching_gain"] = round(row["server"]["images_per_s"] / row["server_batch_1"]["images_per_s"], 3)
-    batched_speed = in_model_thread(model_images_per_s, batched, args.max_batch_size)
+    batched_speed = in_model_thread(model_images_per_s, batched, load.max_batch_size)
     row["model_batch_gain"] = round(batched_speed / in_model_thread(model_images_per_s, batched, 1), 3)
     return row
 
@@ -246,12 +263,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.tolerance is None:
         args.tolerance = 1e-5 if args.dtype == "float32" else 5e-2
+    load = Load(**{name: getattr(args, name) for name in Load.__dataclass_fields__})
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed, when installed, logs to stdout on import
-        report = measure(args)
+        report = measure(args, load)
     print(json.dumps(report, indent=1))
 
 
-def measure(args) -> dict:
+def measure(args, load: Load) -> dict:
     import torch
 
     from qscorer.cli.options import share_cpu_with_workers
@@ -278,7 +296,7 @@ def measure(args) -> dict:
             model_path = model_path or build_checkpoint(name, Path(folder) / name)
             scorer = Scorer(model_path, args.model_base, args.preprocessor_path, device=args.device,
                             dtype=args.dtype, clamp=False)
-            report["rows"].append(bench_config(name, scorer, args, images))
+            report["rows"].append(service_row(name, scorer, images, load))
             del scorer
     report["load_average_after"] = _load_average()
     return report
