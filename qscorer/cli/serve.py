@@ -26,9 +26,9 @@ def add_arguments(parser) -> None:
     add_scoring_arguments(parser, batch_size=8, num_workers=decode_threads_default())
     server = parser.add_argument_group("service")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
-    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--port", type=int, default=8000, help="default 8000; 0: any free port (printed at start)")
     server.add_argument(
-        "--max-batch-size", dest="batch_size", type=int, default=argparse.SUPPRESS,
+        "--max-batch-size", dest="batch_size", metavar="N", type=int, default=argparse.SUPPRESS,
         help="most images scored in one model batch (the same option as --batch-size; default 8)",
     )
     server.add_argument(
@@ -40,7 +40,9 @@ def add_arguments(parser) -> None:
         help="images admitted at once (decoding, waiting or scoring); more get 503 + Retry-After (default 256)",
     )
     server.add_argument("--max-image-bytes", type=int, default=16 * 2**20, help="largest image file (default 16 MiB)")
-    server.add_argument("--max-images-per-request", type=int, default=64, help="default 64")
+    server.add_argument(
+        "--max-images-per-request", type=int, default=64, help="most images in one request (default 64)"
+    )
     server.add_argument(
         "--api-key", default=os.environ.get(API_KEY_VARIABLE),
         help=f"require 'Authorization: Bearer KEY' on /score and /info (default: ${API_KEY_VARIABLE}, else none)",

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -44,9 +43,11 @@ class ServeSettings:
     decode_threads: int = 4
 
     def __post_init__(self):
-        for name in ("max_queue", "max_image_bytes", "max_images_per_request", "decode_threads"):
+        for name, flag in (("max_queue", "max-queue"), ("max_image_bytes", "max-image-bytes"),
+                           ("max_images_per_request", "max-images-per-request"),
+                           ("decode_threads", "decode threads (--num-workers)")):
             if getattr(self, name) < 1:
-                raise QScorerError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise QScorerError(f"{flag} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise QScorerError(f"max-wait-ms must be 0 or more, got {self.max_wait_ms}")
         if self.max_images_per_request > self.max_queue:
@@ -240,10 +241,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
         return _error(error.status_code, str(error.detail), headers=error.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, error: RequestValidationError):
-        return _error(422, str(error.errors()))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
