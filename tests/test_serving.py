@@ -294,3 +294,22 @@ def test_client_takes_paths_bytes_and_pil_images(tiny_scorer, images, expected):
     with pytest.raises(ServiceError, match="cannot reach") as error:
         Client(url, timeout=5).score(images[0])
     assert error.value.status == 0
+
+
+def test_uploads_are_decoded_in_worker_threads_not_on_the_event_loop(tiny_scorer, images, expected, monkeypatch):
+    import threading
+
+    from qscorer.serving import uploads
+
+    threads = []
+
+    def recording_load_image(source):
+        threads.append(threading.current_thread().name)
+        return load_image(source)
+
+    load_image = uploads.load_image
+    monkeypatch.setattr(uploads, "load_image", recording_load_image)
+    with background_server(create_app(tiny_scorer, ServeSettings(decode_threads=2))) as url:
+        scores = Client(url).score(images[:3])
+    assert scores == pytest.approx([expected[path.name].score for path in images[:3]], abs=1e-5)
+    assert len(threads) == 3 and all(name.startswith("qscorer-decode") for name in threads)
