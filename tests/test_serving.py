@@ -25,11 +25,15 @@ from qscorer.client import Client, ServiceError
 
 
 @pytest.fixture(scope="module")
-def tiny_scorer(tmp_path_factory):
+def tiny_folder(tmp_path_factory):
     # width^-0.5 initialisation: at the default 0.02 a width-64 model gives nearly the same score to every image,
     # and the tests must tell the images' results apart
-    folder = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_service"), seed=23, initializer_range=0.125)
-    return Scorer(folder, device="cpu", dtype="float32", clamp=False, batch_size=4)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_service"), seed=23, initializer_range=0.125)
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer(tiny_folder):
+    return Scorer(tiny_folder, device="cpu", dtype="float32", clamp=False, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -313,3 +317,19 @@ def test_uploads_are_decoded_in_worker_threads_not_on_the_event_loop(tiny_scorer
         scores = Client(url).score(images[:3])
     assert scores == pytest.approx([expected[path.name].score for path in images[:3]], abs=1e-5)
     assert len(threads) == 3 and all(name.startswith("qscorer-decode") for name in threads)
+
+
+def test_results_are_those_of_qscorer_score_json(tiny_folder, tiny_scorer, images, capsys):
+    from qscorer.cli import main
+
+    common = ["score", "--model-path", str(tiny_folder), "--device", "cpu", "--dtype", "float32", "--no-clamp"]
+    assert main([*common, "--format", "json", *map(str, images[:4])]) == 0
+    cli_records = json.loads(capsys.readouterr().out)
+    with background_server(create_app(tiny_scorer)) as url:
+        records = Client(url).results(images[:4])
+    for record, cli_record in zip(records, cli_records, strict=True):
+        assert set(record) == set(cli_record) | {"probs"}
+        assert record["image"] == cli_record["image"].rsplit("/", 1)[-1]
+        assert record["score"] == pytest.approx(cli_record["score"], abs=1e-5)
+        assert record["logits"] == pytest.approx(cli_record["logits"], abs=1e-5)
+        assert record["token_id"] == cli_record["token_id"]
