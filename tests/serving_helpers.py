@@ -1,7 +1,9 @@
-"""Helpers for the service tests: distinct test images, raw HTTP calls, a PNG decompression bomb."""
+"""Helpers for the service tests: the serve extra, a tiny checkpoint, distinct test images, raw HTTP calls, a PNG
+decompression bomb."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import struct
 import urllib.error
@@ -10,9 +12,26 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+from tiny import save_tiny_checkpoint
 
 from qscorer.client import _multipart
+from qscorer.errors import QScorerError
+
+
+def serving_or_skip():
+    """``qscorer.serving``, or skip the calling test module with the install hint when the serve extra is missing."""
+    try:
+        return importlib.import_module("qscorer.serving")
+    except QScorerError as missing:
+        pytest.skip(str(missing), allow_module_level=True)
+
+
+def service_checkpoint(folder: Path, seed: int) -> Path:
+    """A tiny checkpoint initialised at width^-0.5: at the default 0.02 a width-64 model gives nearly the same score
+    to every image, and the service tests must tell the images' results apart."""
+    return save_tiny_checkpoint(folder, seed=seed, initializer_range=0.125)
 
 
 def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:

@@ -10,22 +10,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serving_helpers import get, post_files, write_images
-from tiny import save_tiny_checkpoint
+from serving_helpers import get, post_files, service_checkpoint, serving_or_skip, write_images
 
 from qscorer.cli import main
-from qscorer.errors import QScorerError
 from qscorer.scoring import Scorer
 
-try:
-    import qscorer.serving  # noqa: F401
-except QScorerError as missing:
-    pytest.skip(str(missing), allow_module_level=True)
+serving_or_skip()
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_cli"), seed=5, initializer_range=0.125)
+    return service_checkpoint(tmp_path_factory.mktemp("tiny_cli"), seed=5)
 
 
 @pytest.mark.parametrize(

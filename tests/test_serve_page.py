@@ -5,16 +5,12 @@ import shutil
 
 import pytest
 import torch
-from serving_helpers import post_files, write_images
-from tiny import save_tiny_checkpoint
+from serving_helpers import post_files, service_checkpoint, serving_or_skip, write_images
 
-from qscorer.errors import QScorerError
 from qscorer.scoring import Scorer
 
-try:
-    from qscorer.serving import ServeSettings, background_server, create_app
-except QScorerError as missing:
-    pytest.skip(str(missing), allow_module_level=True)
+serving = serving_or_skip()
+ServeSettings, background_server, create_app = serving.ServeSettings, serving.background_server, serving.create_app
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright (the test extra) is not installed")
 
@@ -31,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory):
-    folder = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_page"), seed=9, initializer_range=0.125)
+    folder = service_checkpoint(tmp_path_factory.mktemp("tiny_page"), seed=9)
     scorer = Scorer(folder, device="cpu", dtype="float32", batch_size=4)
     with torch.no_grad():
         scorer.model.deepmlp.output_layer.bias += 3.0  # mid-scale scores, so the page shows unclamped values

@@ -9,26 +9,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
-from serving_helpers import get, png_bomb, post, post_files, write_images
-from tiny import save_tiny_checkpoint
+from serving_helpers import get, png_bomb, post, post_files, service_checkpoint, serving_or_skip, write_images
 
+from qscorer.client import Client, ServiceError
 from qscorer.constants import SCORE_TOKENS_REPORT_ORDER
 from qscorer.errors import QScorerError
 from qscorer.scoring import Scorer
 
-try:
-    from qscorer.serving import ServeSettings, background_server, create_app
-except QScorerError as missing:
-    pytest.skip(str(missing), allow_module_level=True)
-
-from qscorer.client import Client, ServiceError
+serving = serving_or_skip()
+ServeSettings, background_server, create_app = serving.ServeSettings, serving.background_server, serving.create_app
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    # width^-0.5 initialisation: at the default 0.02 a width-64 model gives nearly the same score to every image,
-    # and the tests must tell the images' results apart
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_service"), seed=23, initializer_range=0.125)
+    return service_checkpoint(tmp_path_factory.mktemp("tiny_service"), seed=23)
 
 
 @pytest.fixture(scope="module")
