@@ -301,9 +301,9 @@ def test_uploads_are_decoded_in_worker_threads_not_on_the_event_loop(tiny_scorer
 
     threads = []
 
-    def recording_load_image(source):
+    def recording_load_image(source, **options):
         threads.append(threading.current_thread().name)
-        return load_image(source)
+        return load_image(source, **options)
 
     load_image = uploads.load_image
     monkeypatch.setattr(uploads, "load_image", recording_load_image)

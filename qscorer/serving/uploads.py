@@ -41,17 +41,6 @@ class Upload:
     data: bytes | str
 
 
-class _NamedStream(io.BytesIO):
-    """Uploaded bytes that name their part wherever the image reader names its input."""
-
-    def __init__(self, data: bytes, label: str):
-        super().__init__(data)
-        self.label = label
-
-    def __repr__(self) -> str:
-        return self.label
-
-
 def decode_upload(upload: Upload) -> torch.Tensor:
     """[3, 448, 448] pixels of one upload (float32), or a :class:`RequestError` naming it."""
     data = upload.data
@@ -65,7 +54,7 @@ def decode_upload(upload: Upload) -> torch.Tensor:
     if not data:
         raise RequestError(422, f"{upload.label} is empty", upload.label)
     try:
-        return process_images([load_image(_NamedStream(data, upload.label))])[0]
+        return process_images([load_image(io.BytesIO(data), name=upload.label)])[0]
     except QScorerError as error:
         raise RequestError(422, str(error), upload.label) from error
 
