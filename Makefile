@@ -11,12 +11,12 @@ PYTEST_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/$(PIP_INSTALL) -e ".[test,train,video,quant,ray]"
+	$(VENV)/$(PIP_INSTALL) -e ".[test,train,video,quant,ray,serve]"
 	touch $@
 
 $(VENV_T457)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV_T457)
-	$(VENV_T457)/$(PIP_INSTALL) -e ".[test,train,video,quant,ray]" "transformers==4.57.6"
+	$(VENV_T457)/$(PIP_INSTALL) -e ".[test,train,video,quant,ray,serve]" "transformers==4.57.6"
 	touch $@
 
 demo: $(VENV)/.installed

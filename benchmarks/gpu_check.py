@@ -12,7 +12,10 @@ the others):
 3. ``parity``: the tiny parity checkpoints (``--shared``) scored in float32 on CUDA and on CPU: max difference
    (goal <= 1e-4), and against the original's golden scores.
 4. ``batch_invariance``: fp16, 8 images scored one at a time and as one batch of 8: max score difference.
-5. ``training_step``: one LoRA training step at 7B with train_lora.sh's set-up (r 128 on q_proj / v_proj.multiway.1,
+5. ``serve``: ``qscorer serve``'s service on the 7B shapes (random weights, bf16, the LLaMA-2 tokenizer from
+   ``--shared``): 32 clients x 4 requests of 1-4 PNG images on the loopback, at max batch 32 and 1, next to
+   in-process ``Scorer`` at batch 32 (``benchmarks/bench_serve.py``): images/s, p50/p95, failed / lost / mismatched.
+6. ``training_step``: one LoRA training step at 7B with train_lora.sh's set-up (r 128 on q_proj / v_proj.multiway.1,
    vision encoder, abstractor, lm_head and head trainable), batch 16, bf16 autocast, gradient checkpointing,
    AdamW: seconds per step and peak memory.
 
@@ -29,6 +32,7 @@ import json
 import logging
 import platform
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -187,6 +191,24 @@ def batch_invariance(device: Device, size: int = 8) -> dict:
     return {"batch": size, "dtype": "float16", "max_score_difference": float((together - alone).abs().max())}
 
 
+def serve(device: Device, shared: Path, quick: bool) -> dict:
+    from bench_serve import Load, make_images, service_row
+
+    from qscorer.data import load_tokenizer
+
+    tokenizer_dir = shared / "reference" / "llama2-tokenizer"
+    if not tokenizer_dir.is_dir():
+        return {"skipped": f"{tokenizer_dir} is absent (pass --shared)"}
+    model = random_model(CONFIG, torch.bfloat16, device.device)
+    scorer = Scorer.from_model(model, load_tokenizer(tokenizer_dir), clamp=False)
+    load = Load(clients=4 if quick else 32, requests=1 if quick else 4, rounds=1, max_batch_size=2 if quick else 32,
+                tolerance=5e-2)
+    with tempfile.TemporaryDirectory() as folder:
+        row = service_row(CONFIG, scorer, make_images(Path(folder), 64, (512, 512)), load)
+    del scorer, model
+    return row
+
+
 def training_step(device: Device, batch: int, layers: int | None) -> dict:
     from qscorer.train.arguments import DataArguments, ModelArguments, TrainingArguments
     from qscorer.train.setup import prepare_for_training
@@ -260,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="7b", help="architecture (tiny / mid for a smoke run of the script)")
     parser.add_argument("--train-layers", type=int, default=None, help="LLM layers of the training step model")
     parser.add_argument(
-        "--sections", nargs="+", default=["throughput", "memory", "parity", "batch_invariance", "training_step"]
+        "--sections",
+        nargs="+",
+        default=["throughput", "memory", "parity", "batch_invariance", "serve", "training_step"],
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -274,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory": lambda: memory(device, 1 if args.quick else 8),
         "parity": lambda: parity(device, args.shared),
         "batch_invariance": lambda: batch_invariance(device, 2 if args.quick else 8),
+        "serve": lambda: serve(device, args.shared, args.quick),
         "training_step": lambda: training_step(device, 1 if args.quick else 16, layers),
     }
     report = {

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("qscorer.cli.train", "LoRA fine-tuning (the original's flags)"),
     "merge": ("qscorer.cli.merge", "merge a LoRA checkpoint into a self-contained model folder"),
     "synth": ("qscorer.cli.synth", "build a synthetic IQA dataset from bundled photos"),
+    "serve": ("qscorer.cli.serve", "an HTTP scoring service with dynamic batching and a web page"),
     "demo": ("qscorer.cli.demo", "the whole pipeline on a tiny model, on CPU, with no download"),
 }
 
