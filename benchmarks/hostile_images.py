@@ -43,7 +43,7 @@ import json, resource, sys, time
 def status(key):
     return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
 
-from qscorer.data.image import expand2square, load_image, process_images, resize_shortest_edge
+from qscorer.model.image_processing import expand2square, load_image, process_images, resize_shortest_edge
 
 path, which, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 _, hard = resource.getrlimit(resource.RLIMIT_AS)

@@ -37,8 +37,8 @@ import torch
 
 from qscorer.checkpoints import PEFT_PREFIX, TOKENIZER_FILES
 from qscorer.constants import SCORE_TOKENS
-from qscorer.data.image import ImageProcessor
 from qscorer.model import MPLUGOwl2Config, MPLUGOwl2LlamaForCausalLM
+from qscorer.model.image_processing import ImageProcessor
 
 logger = logging.getLogger("make_synthetic_release")
 

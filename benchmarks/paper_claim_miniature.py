@@ -48,10 +48,10 @@ from qscorer.data import (
 )
 from qscorer.data.conversation import ANSWER_PREFIX, SCORING_QUESTION
 from qscorer.data.demo_tokenizer import DEMO_VOCAB_SIZE
-from qscorer.data.image import load_image
 from qscorer.data.synthetic import build_synthetic_iqa
 from qscorer.demo import tiny_config
 from qscorer.evaluation import compute_metrics
+from qscorer.model.image_processing import load_image
 from qscorer.train.arguments import parse_arguments
 from qscorer.train.setup import write_base_model
 from qscorer.train.train import train

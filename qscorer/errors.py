@@ -1,5 +1,6 @@
-"""User-facing errors: the CLI prints them as one line and exits with status 2."""
+"""User-facing errors: the CLI prints them as one line and exits with status 2. :class:`QScorerError` is defined
+with the model (whose image processing raises it, also in remote code) and is public here."""
 
+from .model.errors import QScorerError
 
-class QScorerError(Exception):
-    """An error caused by the user's input (a path, a file's content, a flag); its message names that input."""
+__all__ = ["QScorerError"]

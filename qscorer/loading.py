@@ -266,8 +266,8 @@ def load_pretrained_model(
     elif model_base is not None:
         logger.warning("%s is a full model folder: model_base %s is not used", model_path, model_base)
 
-    from .data.image import ImageProcessor
     from .data.tokenization import load_tokenizer, score_token_ids
+    from .model.image_processing import ImageProcessor
 
     configs_folder = _tokenizer_folder(preprocessor_path, model_folder, base_folder)
     tokenizer = load_tokenizer(configs_folder, base_model_path=base_folder)

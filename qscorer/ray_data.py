@@ -11,7 +11,7 @@
 :func:`score_dataset` chains the two public steps, which also fit pipelines of one's own:
 
 - :func:`decode_batch`, for ``map_batches`` in CPU tasks: image bytes, paths or uint8 arrays -> ``pixels``
-  (float32 [3, 448, 448], through the one preprocessing path of :mod:`qscorer.data.image`) and ``error``;
+  (float32 [3, 448, 448], through the one preprocessing path of :mod:`qscorer.model.image_processing`) and ``error``;
 - :class:`BatchScorer`, for ``map_batches`` in an actor pool: each actor loads one
   :class:`~qscorer.scoring.Scorer` and replaces ``pixels`` by ``score``, the five score-token logits
   ``<score5>`` .. ``<score1>`` and ``token_id`` (``prob_<score5>`` .. with ``with_prob``).
@@ -32,8 +32,8 @@ import warnings
 import numpy as np
 
 from .constants import SCORE_TOKENS_REPORT_ORDER
-from .data.image import IMAGE_SIZE, image_from_array, load_image, pixel_values
 from .errors import QScorerError
+from .model.image_processing import IMAGE_SIZE, image_from_array, load_image, pixel_values
 
 PIXELS = "pixels"
 ERROR = "error"

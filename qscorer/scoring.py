@@ -54,7 +54,7 @@ class ImageSourceDataset(Dataset):
         return len(self.sources)
 
     def __getitem__(self, index: int):
-        from .data.image import load_image, process_images
+        from .model.image_processing import load_image, process_images
 
         source = self.sources[index]
         if isinstance(source, torch.Tensor):

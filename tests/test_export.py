@@ -1,18 +1,21 @@
 """Merge / export: a self-contained folder that plain transformers loads and scores with, without qscorer."""
 
+import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tiny import save_tiny_checkpoint
 
 from qscorer.cli import main
-from qscorer.errors import QScorerError
-from qscorer.export import REMOTE_CODE_MODULES, flat_module_source
+from qscorer.export import write_remote_code
 from qscorer.loading import load_pretrained_model
 from qscorer.scoring import Scorer
+
+REPO = Path(__file__).resolve().parents[1]
 
 WITHOUT_QSCORER = """
 import json, sys
@@ -44,20 +47,43 @@ def score_without_qscorer(folder, images, tmp_path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_remote_code_imports_are_flat_and_complete():
-    for module, name in REMOTE_CODE_MODULES.items():
-        source = flat_module_source(module)
-        assert "from .." not in source and "import qscorer" not in source and "from qscorer" not in source, name
-    assert "from .configuration_mplug_owl2 import SCORE_RANGE, MPLUGOwl2Config" in flat_module_source(
-        "qscorer.model.modeling"
-    )
-    assert "from .image import" in flat_module_source("qscorer.model.modeling")
-
-
-def test_flat_source_refuses_modules_outside_the_export(monkeypatch):
-    monkeypatch.delitem(REMOTE_CODE_MODULES, "qscorer.data.image")
-    with pytest.raises(QScorerError, match="qscorer.data.image"):
-        flat_module_source("qscorer.model.modeling")
+def test_remote_code_is_the_model_package_copied_unchanged(tmp_path):
+    """Shipped modules import only each other (one dot) and a few packages; the modeling file imports every one of
+    them itself, because transformers 4.x copies from a local folder only the modeling file's own imports."""
+    allowed = {
+        "__future__",
+        "collections",
+        "dataclasses",
+        "functools",
+        "itertools",
+        "json",
+        "logging",
+        "math",
+        "os",
+        "pathlib",
+        "typing",
+        "numpy",
+        "PIL",
+        "torch",
+        "transformers",
+        "flash_attn",
+    }
+    written = write_remote_code(tmp_path)
+    shipped = {path.stem for path in written}
+    assert {"modeling", "configuration", "image_processing", "resample", "processing", "errors"} <= shipped
+    assert "__init__" not in shipped
+    for path in written:
+        assert path.read_bytes() == (REPO / "qscorer" / "model" / path.name).read_bytes(), path.name
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and node.module in shipped, (path.name, ast.dump(node))
+            elif isinstance(node, ast.ImportFrom):
+                assert node.module.split(".")[0] in allowed, (path.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert all(alias.name.split(".")[0] in allowed for alias in node.names), (path.name, ast.dump(node))
+    modeling = ast.parse((tmp_path / "modeling.py").read_text())
+    imported = {node.module for node in modeling.body if isinstance(node, ast.ImportFrom) and node.level == 1}
+    assert imported == shipped - {"modeling"}
 
 
 def test_merged_lora_folder_scores_with_plain_transformers(parity_dir, parity_images_dir, golden_dir, tmp_path):
@@ -80,8 +106,14 @@ def test_merged_lora_folder_scores_with_plain_transformers(parity_dir, parity_im
     assert config["score_token_id"] == [32004, 32003, 32002, 32001, 32000]
     assert config["score_tokens"] == ["<score1>", "<score2>", "<score3>", "<score4>", "<score5>"]
     assert config["deepmlp_hidden_dims"] == [64, 32] and config["vocab_size"] == 32005
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mplug_owl2.MPLUGOwl2LlamaForCausalLM"
-    for name in ("model.safetensors", "tokenizer.model", "tokenizer_config.json", "preprocessor_config.json"):
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling.MPLUGOwl2LlamaForCausalLM"
+    for name in (
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "score_prompts.json",
+    ):
         assert (output / name).is_file(), name
     _, reloaded, _, _ = load_pretrained_model(output, device="cpu", dtype="float32")
     assert reloaded.load_report.unexpected_keys == [] and reloaded.load_report.missing_keys == []

@@ -14,7 +14,6 @@ import transformers
 from hostile import bomb_png, line_png, png_bytes
 from PIL import Image
 
-from qscorer.constants import CLIP_MEAN, CLIP_STD, IMAGE_BACKGROUND
 from qscorer.data import (
     ImageProcessor,
     UnreadableImageError,
@@ -25,6 +24,7 @@ from qscorer.data import (
     to_rgb,
 )
 from qscorer.errors import QScorerError
+from qscorer.model.constants import CLIP_MEAN, CLIP_STD, IMAGE_BACKGROUND
 
 REPO = Path(__file__).resolve().parents[1]
 

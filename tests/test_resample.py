@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qscorer.constants import IMAGE_BACKGROUND
-from qscorer.data.image import shortest_edge_size
-from qscorer.data.resample import bicubic_taps, resize_window
+from qscorer.model.constants import IMAGE_BACKGROUND
+from qscorer.model.image_processing import shortest_edge_size
+from qscorer.model.resample import bicubic_taps, resize_window
 
 SHAPES = [(1, 5), (5, 1), (1, 3000), (2900, 2), (447, 3), (3, 449), (448, 200), (37, 91), (640, 360), (1001, 333),
           (60, 1000), (2500, 700), (123, 2345), (449, 450)]

@@ -48,7 +48,7 @@ def save_tiny_checkpoint(folder, seed: int = 0, **overrides):
 
     from qscorer.data import build_demo_tokenizer, load_tokenizer, save_tokenizer
     from qscorer.data.demo_tokenizer import DEMO_VOCAB_SIZE
-    from qscorer.data.image import ImageProcessor
+    from qscorer.model.image_processing import ImageProcessor
 
     folder = Path(folder)
     tokenizer = load_tokenizer(build_demo_tokenizer(folder / "_tokenizer"))

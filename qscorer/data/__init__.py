@@ -4,13 +4,13 @@
   (exact original ids on every transformers version), :func:`save_tokenizer`, :func:`score_token_ids`.
 - ``conversation``: the templates and prompts (:func:`build_scoring_prompt`, :func:`scoring_prompt_ids`,
   :func:`build_training_prompt`).
-- ``image``: :func:`load_image`, :func:`image_from_array`, :func:`to_rgb`, :func:`expand2square`,
-  :func:`process_images`, :class:`ImageProcessor`.
+- the image path, defined with the model in :mod:`qscorer.model.image_processing` (a merged folder ships it):
+  :func:`load_image`, :func:`image_from_array`, :func:`to_rgb`, :func:`expand2square`, :func:`process_images`,
+  :class:`ImageProcessor`.
 - ``datasets``: :func:`preprocess` (label masking), meta loading, :func:`load_video_frames`
   (PyAV), :class:`SingleDataset`, :class:`PairDataset` and their collators.
 
-Names are imported lazily, so importing one module (the remote-code model imports ``image``, ``tokenization`` and
-``conversation``) does not pull in the others.
+Names are imported lazily, so importing one module does not pull in the others.
 """
 
 _LAZY = {
@@ -30,15 +30,16 @@ _LAZY = {
     "build_training_prompt": "conversation",
     "get_template": "conversation",
     "place_images_first": "conversation",
+    "score_processor": "conversation",
     "scoring_prompt_ids": "conversation",
-    "IMAGE_SIZE": "image",
-    "ImageProcessor": "image",
-    "UnreadableImageError": "image",
-    "expand2square": "image",
-    "image_from_array": "image",
-    "load_image": "image",
-    "process_images": "image",
-    "to_rgb": "image",
+    "IMAGE_SIZE": "..model.image_processing",
+    "ImageProcessor": "..model.image_processing",
+    "UnreadableImageError": "..model.image_processing",
+    "expand2square": "..model.image_processing",
+    "image_from_array": "..model.image_processing",
+    "load_image": "..model.image_processing",
+    "process_images": "..model.image_processing",
+    "to_rgb": "..model.image_processing",
     "MetaRecord": "datasets",
     "PairCollator": "datasets",
     "PairDataset": "datasets",
@@ -57,7 +58,8 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        module = _LAZY[name]
+        return getattr(importlib.import_module(module if module.startswith(".") else f".{module}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -130,3 +130,11 @@ def build_training_prompt(conversations: Sequence[dict], template: ConversationT
             raise QScorerError(f"conversation message {position} is from {message['from']!r}, expected {expected!r}")
         rendered.append((roles[expected], message["value"]))
     return template.render(rendered)
+
+
+def score_processor(tokenizer, image_processor=None):
+    """The :class:`~qscorer.model.processing.ScoreProcessor` of ``tokenizer``: the ids of every scoring prompt and
+    the image preprocessing (``image_processor``, default the CLIP 448 one); ``model.score(images, processor)``."""
+    from ..model.processing import ScoreProcessor
+
+    return ScoreProcessor({kind: scoring_prompt_ids(tokenizer, kind) for kind in SCORING_PROMPT_KINDS}, image_processor)

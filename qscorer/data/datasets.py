@@ -18,8 +18,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, NUM_VISUAL_TOKENS
+from ..constants import DEFAULT_IMAGE_TOKEN
 from ..errors import QScorerError
+from ..model.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, NUM_VISUAL_TOKENS
+from ..model.image_processing import UnreadableImageError, load_image, process_images, to_rgb
 from .conversation import (
     GPT,
     HUMAN,
@@ -29,7 +31,6 @@ from .conversation import (
     get_template,
     place_images_first,
 )
-from .image import UnreadableImageError, load_image, process_images, to_rgb
 from .records import read_json_records
 from .tokenization import encode_text, score_token_ids, tokenizer_image_token
 

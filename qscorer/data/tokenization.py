@@ -23,8 +23,9 @@ import os
 import re
 from pathlib import Path
 
-from ..constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, SCORE_TOKENS
+from ..constants import DEFAULT_IMAGE_TOKEN, SCORE_TOKENS
 from ..errors import QScorerError
+from ..model.constants import IMAGE_TOKEN_INDEX
 
 logger = logging.getLogger(__name__)
 

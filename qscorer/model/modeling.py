@@ -3,6 +3,10 @@
 Data path: images -> vision encoder -> abstractor (65 visual rows each) -> spliced into the text embeddings at the
 -200 placeholders -> modality-adaptive LLaMA -> final-norm hidden states -> ``lm_head`` (token logits) and
 ``deepmlp`` (the quality score, read at the position that predicts the score token).
+
+``qscorer merge`` ships this package's modules, unchanged, as the remote code of a merged folder. transformers 4.x
+copies from a local folder only the modules that the modeling file imports itself, so this file imports every module
+the model runs on, also those it only uses through the others (the imports marked F401).
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .abstractor import MplugOwlVisualAbstractorModel, MplugOwlVisualAbstractorMultiHeadAttention
+from .attention import attend  # noqa: F401
 from .configuration import SCORE_RANGE, MPLUGOwl2Config
+from .constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from .errors import QScorerError  # noqa: F401
+from .flash import flash_attention  # noqa: F401
 from .head import DeepMLP
+from .image_processing import ImageProcessor  # noqa: F401
 from .llama import (
     KeyValue,
     MPLUGOwl2DecoderLayer,
@@ -29,6 +37,8 @@ from .llama import (
     position_ids_for,
     rotary_cos_sin,
 )
+from .processing import ScoreProcessor
+from .resample import resize_window  # noqa: F401
 from .vision import MplugOwlVisionEmbeddings, MplugOwlVisionModel
 
 logger = logging.getLogger(__name__)
@@ -590,22 +600,18 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         )
 
     @torch.inference_mode()
-    def score(self, images, tokenizer=None, image_processor=None, prompt: str = "eval", clamp: bool = True):
+    def score(self, images, processor: ScoreProcessor | None = None, prompt: str = "eval", clamp: bool = True):
         """Quality scores of PIL images (one image or a list), as a list of floats: the original ``model.score()``.
 
-        The tokenizer comes from the model folder unless given; images are converted to RGB, padded to a square and
-        CLIP-normalised (``image_processor``, if given, replaces that step). ``prompt="eval"`` is the original's
-        batch-evaluation prompt (the published numbers); ``prompt="scorer"`` is the one the original ``score()``
-        used. Scores are clamped to [0, 5] unless ``clamp=False``.
+        ``processor`` turns the images into prompt ids and pixel values; by default it is read from the model folder
+        (``score_prompts.json``, written by ``qscorer merge``). The original took a tokenizer and an image processor
+        instead. ``prompt="eval"`` is the original's batch-evaluation prompt (the published numbers);
+        ``prompt="scorer"`` is the one the original ``score()`` used. Scores are clamped to [0, 5] unless
+        ``clamp=False``.
         """
-        from ..data.conversation import scoring_prompt_ids
-        from ..data.image import process_images
-        from ..data.tokenization import load_tokenizer
-
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        if tokenizer is None:
-            tokenizer = load_tokenizer(self.name_or_path)
-        pixels = image_processor(images) if image_processor is not None else process_images(images)
-        prompt_ids = torch.tensor(scoring_prompt_ids(tokenizer, prompt), device=self.device)
-        scores = self.predict_scores(prompt_ids.expand(len(images), -1), pixels.to(self.device)).scores.float()
+        if processor is None:
+            processor = ScoreProcessor.from_pretrained(self.name_or_path)
+        input_ids, pixels = processor(images, prompt)
+        scores = self.predict_scores(input_ids.to(self.device), pixels.to(self.device)).scores.float()
         return (scores.clamp(*SCORE_RANGE) if clamp else scores).tolist()

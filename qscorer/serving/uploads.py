@@ -2,7 +2,7 @@
 (plain base64 or ``data:`` URLs).
 
 Reading checks the structure and the sizes; :func:`decode_upload` (run in a worker thread, never on the event loop)
-turns one upload into pixels through the one preprocessing path, ``qscorer.data.image``. Every problem is a
+turns one upload into pixels through the one preprocessing path, ``qscorer.model.image_processing``. Every problem is a
 :class:`RequestError` with an HTTP status and a message naming the part.
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.image import load_image, process_images
 from ..errors import QScorerError
+from ..model.image_processing import load_image, process_images
 
 FIELD = "images"
 

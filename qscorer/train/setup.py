@@ -194,8 +194,8 @@ def write_base_model(output_dir, config, tokenizer_dir, *, seed: int = 0, head_s
     bias (e.g. 3, mid-scale: from 0, half the first predictions fall below the training loss's [0, 5] clamp, where
     they get no gradient).
     """
-    from ..data.image import ImageProcessor
     from ..model import MPLUGOwl2LlamaForCausalLM
+    from ..model.image_processing import ImageProcessor
 
     output_dir = Path(output_dir)
     torch.manual_seed(seed)

@@ -124,8 +124,8 @@ class QScorerTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
-        from ..data.image import ImageProcessor
         from ..data.tokenization import save_tokenizer
+        from ..model.image_processing import ImageProcessor
 
         if not self.args.should_save:
             return

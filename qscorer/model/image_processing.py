@@ -17,7 +17,7 @@ it, refuses images above PIL's decompression-bomb limit, and :func:`pixel_values
 much larger than the image itself (an extreme shape is resized by :mod:`.resample`, with the same pixels).
 
 This module is shipped with the remote-code model: it imports only the standard library, numpy, PIL, torch and
-``..constants`` / ``..errors`` / ``.resample``.
+its sibling modules ``constants``, ``errors`` and ``resample``.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..constants import CLIP_MEAN, CLIP_STD, IMAGE_BACKGROUND
-from ..errors import QScorerError
+from .constants import CLIP_MEAN, CLIP_STD, IMAGE_BACKGROUND
+from .errors import QScorerError
 from .resample import resize_window
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 INTERMEDIATE_LIMIT = 4
 """PIL pads and resizes the whole image only while its largest intermediate image (the padded square, or the
 resized image in "square" mode) holds at most this many times the pixels of the image or of the 448 x 448 output,
-whichever is more; beyond that, :func:`~qscorer.data.resample.resize_window` computes the same pixels without it."""
+whichever is more; beyond that, :func:`~qscorer.model.resample.resize_window` computes the same pixels without it."""
 
 
 class UnreadableImageError(QScorerError):
