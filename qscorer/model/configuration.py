@@ -118,8 +118,8 @@ class MplugOwlVisualAbstractorConfig(PretrainedConfig):
 class MPLUGOwl2Config(PretrainedConfig):
     """LLaMA-2 with modality-adaptive layers, the visual path in ``visual_config``, and the Q-Scorer head fields.
 
-    ``visual_config`` is a plain dict with the sub-dicts ``visual_model`` and ``visual_abstractor``, as the original writes it;
-    ``vision_config`` / ``abstractor_config`` rebuild the typed sub-configs from it.
+    ``visual_config`` is a plain dict with the sub-dicts ``visual_model`` and ``visual_abstractor``, as the original
+    writes it; ``vision_config`` / ``abstractor_config`` rebuild the typed sub-configs from it.
 
     Q-Scorer fields: ``score_token_id`` (the score token ids, ``<score5>`` first), ``score_tokens`` (the token
     strings, ``<score1>`` first) and ``deepmlp_hidden_dims`` (hidden widths of the regression head).

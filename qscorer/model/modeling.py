@@ -567,7 +567,7 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         }
 
     def predict_scores(self, input_ids: torch.Tensor, images) -> ScorePrediction:
-        """Score images with one prefill and one KV-cached step (the original ran two full forward passes; same numbers).
+        """Score images with one prefill and one KV-cached step (the original: two full forward passes, same numbers).
 
         ``input_ids`` [B, L]: the scoring prompt (same length for every row, ending in "▁is"), one -200 each.
         The argmax token after the prompt is appended; the hidden state at that token feeds the head, and the
