@@ -1,8 +1,8 @@
 """SRCC / PLCC / KRCC / RMSE of predicted scores against ground-truth MOS (``qscorer eval`` runs it).
 
-Re-implements the original ``src/evaluate/cal_plcc_srcc.py`` (facts §9): a 4-parameter logistic maps the predictions
+Re-implements the original ``src/evaluate/cal_plcc_srcc.py``: a 4-parameter logistic maps the predictions
 onto the MOS scale, and SRCC and PLCC are computed on the fitted predictions, so on the same records the numbers equal
-the original's. What changes (facts §11 quirk 20; README "Differences from the original code"):
+the original's. What changes (README "Differences from the original code", "Evaluation"):
 
 - records are matched by id instead of zipped by position, and differing id sets or duplicate ids are errors;
 - prediction records that failed (an ``"error"`` field) or lack a numeric score stop the evaluation, or are left out
@@ -217,7 +217,7 @@ class LogisticFit:
 
 
 def logistic_fit(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> LogisticFit:
-    """Fit :func:`logistic` mapping predictions ``x`` to MOS ``y`` exactly like the original (facts §9).
+    """Fit :func:`logistic` mapping predictions ``x`` to MOS ``y`` exactly like the original.
 
     Initial [max(y), min(y), mean(x), std(x) / 4] (population std), scipy curve_fit with its default method and
     maxfev 10000. The fit counts as failed when curve_fit raises or emits an OptimizeWarning, when the fitted curve is

@@ -228,7 +228,7 @@ def _first_non_finite(score: float, logits: list[float], probs: list[float]) -> 
 
 
 def score_with_two_full_passes(model, input_ids: torch.Tensor, pixel_values: torch.Tensor):
-    """The original procedure (facts §4.8), kept as the reference for checks and benchmarks: a full forward picks
+    """The original procedure, kept as the reference for checks and benchmarks: a full forward picks
     the argmax token after the prompt; a second full forward (vision encoder and abstractor again) of the prompt
     plus that token gives the head's input. Returns (appended token ids, scores, score-token logits, hidden)."""
     with torch.no_grad():

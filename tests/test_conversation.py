@@ -1,4 +1,4 @@
-"""Templates and prompt strings (facts §4.3, §4.4, §4.6)."""
+"""Templates, the training layout of image placeholders, and the original's prompt strings."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Meta records -> training batches (facts §4.4, §4.5, §6.6, §10): parity with the original and validation."""
+"""Meta records -> training batches (prompts, label masks, items, collators): parity with the original, validation."""
 
 import json
 import logging

@@ -1,4 +1,4 @@
-"""Image preprocessing (facts §5): RGB conversion, square padding, CLIP pixel values, files and videos."""
+"""Image preprocessing: RGB conversion, square padding, CLIP pixel values, files and videos."""
 
 import io
 import json

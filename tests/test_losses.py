@@ -1,4 +1,4 @@
-"""Score-token and pair losses (facts §10.3): every formula against numbers computed by hand with ``math``."""
+"""Score-token and pair losses: every formula against numbers computed by hand with ``math``."""
 
 import math
 

@@ -20,7 +20,7 @@ TOLERANCE = 1e-5
 
 
 def facts_manifest_7b() -> dict[str, tuple[int, ...]]:
-    """State-dict keys and shapes of the 7B model with the 5 score tokens, written out from facts §1.4."""
+    """State-dict keys and shapes of the 7B model with the 5 score tokens, written out by hand from the original's."""
     width, inner, vocab = 4096, 11008, 32005
     manifest = {
         "model.embed_tokens.weight": (vocab, width),

@@ -1,4 +1,4 @@
-"""Synthetic IQA builder: determinism, meta format, DeQA soft labels (facts §10.2), split, learnable signal."""
+"""Synthetic IQA builder: determinism, meta format, DeQA soft labels, split, learnable signal."""
 
 import json
 import math
@@ -56,7 +56,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def hand_pdf_label(mos, std):
-    """facts §10.2 "pdf" mode with the affine fix, written out with math only."""
+    """DeQA's "pdf" soft label with the affine fix, written out with math only."""
     xs = [5, 4, 3, 2, 1]
     p = [math.exp(-((x - mos) ** 2) / (2 * std * std)) / (std * math.sqrt(2 * math.pi)) for x in xs]
     a = sum(p)

@@ -1,4 +1,5 @@
-"""Tokenizer loading and exact prompt ids (facts §3.1, §4.1, §4.2, §4.7) on transformers 4.57 and 5.x."""
+"""Tokenizer loading and exact prompt ids (score tokens, the slow tokenizer's rules, image placeholders) on
+transformers 4.57 and 5.x."""
 
 import json
 import pickle
@@ -80,7 +81,7 @@ def test_same_ids_as_the_slow_llama_tokenizer(tokenizer, llama_tokenizer_dir):
 def test_tokenizer_image_token_rules(tokenizer):
     assert tokenizer_image_token("hello world", tokenizer) == [1, 22172, 3186]
     assert tokenizer_image_token("hello<|image|><|image|> world", tokenizer) == [1, 22172, -200, -200, 29871, 3186]
-    # A prompt that starts with the placeholder keeps each chunk's BOS (facts §4.2 step 5).
+    # A prompt that starts with the placeholder keeps each chunk's BOS, as in the original.
     assert tokenizer_image_token("<|image|>hello", tokenizer) == [-200, 1, 22172]
     assert tokenizer_image_token("hi<|image|>", tokenizer, image_token_index=-7) == [1, 7251, -7]
     tensor = tokenizer_image_token(build_scoring_prompt("scorer"), tokenizer, return_tensors="pt")

@@ -1,5 +1,5 @@
-"""Training flags: the original's names and defaults (facts §6.2), train_lora.sh (§6.1), the DeepSpeed configs
-(§6.8), the CLI path, and the rejected combinations."""
+"""Training flags: the original's names and defaults, its train_lora.sh, its DeepSpeed configs, the CLI path, and the
+rejected combinations."""
 
 import json
 import os

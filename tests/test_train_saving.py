@@ -1,4 +1,4 @@
-"""Checkpoints (facts §6.9): the original's file layout and key names, what its loader and peft read, identical
+"""Checkpoints: the original's file layout and key names, what its loader and peft read, identical
 scores after loading, safetensors, full-model mode, starting from a checkpoint, resuming."""
 
 import json

@@ -1,4 +1,4 @@
-"""Model set-up for training (facts §6.3-§6.5): score tokens, LoRA targets, trainable set, config fields, dtypes,
+"""Model set-up for training: score tokens, LoRA targets, trainable set, config fields, dtypes,
 gradient checkpointing, and the original's training loss on its own LoRA checkpoint."""
 
 import json

@@ -1,4 +1,4 @@
-"""The Trainer's parts (facts §6.7): modality-length grouped sampler, optimizer parameter groups, the batch
+"""The Trainer's parts: modality-length grouped sampler, optimizer parameter groups, the batch
 objective (dispatcher, soft-label KL, in-level, pair ranking) and its gradients."""
 
 import json

@@ -1,4 +1,4 @@
-"""Conversation templates and the original's three prompts (facts §4.3, §4.4, §4.6).
+"""Conversation templates and the original's three prompts.
 
 - scoring prompt, ``kind="scorer"`` (scorer.py and ``model.score()``): no system message, image after the question,
   "\\n" before ASSISTANT;
@@ -89,12 +89,12 @@ def build_scoring_prompt(kind: str = "scorer") -> str:
 
 
 def scoring_prompt_ids(tokenizer, kind: str = "scorer") -> list[int]:
-    """Ids of a scoring prompt (facts §4.7), with -200 for the image: 28 ids for both kinds on LLaMA-2."""
+    """Ids of a scoring prompt, with -200 for the image: 28 ids for both kinds on LLaMA-2."""
     return tokenizer_image_token(build_scoring_prompt(kind), tokenizer)
 
 
 def place_images_first(conversations: Sequence[dict], n_images: int) -> list[dict]:
-    """The training layout of the placeholders (facts §4.4): images first in the human turn, then "\\n" + text.
+    """The training layout of the placeholders: images first in the human turn, then "\\n" + text.
 
     The original removes the placeholders of every message that has one and puts one placeholder in front of each
     such message. Here the first human message with a placeholder gets ``n_images`` adjacent placeholders (one per

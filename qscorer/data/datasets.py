@@ -1,6 +1,6 @@
 """Meta records -> model inputs: prompt ids, label masking, the single and pair datasets and their collators.
 
-Meta files (facts §10.1) are JSON lists or JSON lines of records ``{"image", "conversations", "gt_score",
+Meta files are JSON lists or JSON lines of records ``{"image", "conversations", "gt_score",
 "task_type"}``; ``data_paths`` are mixed with integer ``data_weights`` (each meta's records repeated weight times).
 Every record is validated when the meta is loaded; errors name the file and the record index.
 """
@@ -47,7 +47,7 @@ VIDEO_EXTENSION = ".mp4"
 
 
 def load_video_frames(path: str | os.PathLike) -> list[Image.Image]:
-    """RGB frames of a video sampled at one frame per second, like the original (facts §6.6).
+    """RGB frames of a video sampled at one frame per second, like the original.
 
     Frame indices are ``int(fps * i)`` for ``i`` in ``range(int(n_frames / fps))``, with fps the stream's average
     rate. Needs PyAV (``pip install 'qscorer[video]'``).
@@ -88,7 +88,7 @@ def load_video_frames(path: str | os.PathLike) -> list[Image.Image]:
 
 def mask_targets(prompt: str, input_ids: Sequence[int], tokenizer, *, template: ConversationTemplate = V1,
                  model_max_length: int | None = None, source: str = "record") -> list[int]:
-    """Labels of a v1 training prompt (facts §4.5): only the answers (with their "</s>") stay supervised.
+    """Labels of a v1 training prompt, masked like the original: only the answers (with their "</s>") stay supervised.
 
     Rounds are the prompt split on "</s>"; in each, the instruction (up to " ASSISTANT: ") is masked using the ids
     lengths of the round and instruction encoded alone, as the original does. If the count does not reach the length
@@ -129,7 +129,7 @@ def mask_targets(prompt: str, input_ids: Sequence[int], tokenizer, *, template: 
 def preprocess(conversations: Sequence[Mapping], tokenizer, *, n_images: int = 1,
                template: ConversationTemplate = V1, model_max_length: int | None = None,
                source: str = "record") -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of a record's conversations (facts §4.4, §4.5).
+    """``(input_ids, labels)`` of a record's conversations.
 
     With images, the placeholders move to the front of the human turn (one per image, :func:`place_images_first`),
     the prompt is rendered with the v1 template and encoded with one -200 per placeholder.
@@ -247,7 +247,7 @@ def _training_template(template: str | ConversationTemplate) -> ConversationTemp
 
 
 class SingleDataset(Dataset):
-    """Training items of meta records: pixel values, ids and labels, task type and score (facts §6.6).
+    """Training items of meta records: pixel values, ids and labels, task type and score.
 
     An item is ``{"input_ids", "labels"}`` (1-D LongTensors), ``"image"`` (float32 [n, 3, 448, 448]; n = 1 for an
     image, the number of paths of a list record, the frames of an .mp4 sampled at 1 fps), ``"task_type"`` and
@@ -349,13 +349,13 @@ class SingleDataset(Dataset):
 
 
 class PairDataset(SingleDataset):
-    """Pairs of training items drawn from the same meta file, for the pair (ranking) losses (facts §10.3).
+    """Pairs of training items drawn from the same meta file, for the pair (ranking) losses.
 
     Item ``i`` is ``{"item_A": item i, "item_B": another record of the same meta}``; B is drawn uniformly among the
     meta's other records, deterministically from ``(seed, epoch, i)`` (:meth:`set_epoch` draws new pairs). Each
     half is a :class:`SingleDataset` item plus ``"gt_score_norm"`` and ``"std"``, read from the record fields
-    ``score_field`` and ``std_field`` (default ``gt_score_norm`` and ``std_norm``: both on the normalised [1, 5]
-    scale of the soft-label builder, facts §10.2).
+    ``score_field`` and ``std_field`` (default ``gt_score_norm`` and ``std_norm``: DeQA-Score's soft-label fields,
+    4 * (mos - min) / (max - min) + 1 in [1, 5] and 4 * std / (max - min), min and max over the dataset's MOS).
     """
 
     def __init__(self, data_paths: Sequence[str | os.PathLike], tokenizer, *, seed: int = 0,
@@ -397,7 +397,7 @@ class PairDataset(SingleDataset):
 
 @dataclass(frozen=True)
 class SingleCollator:
-    """Batches single items (facts §6.6): right-pads ids with ``pad_token_id`` and labels with -100 to the longest,
+    """Batches single items: right-pads ids with ``pad_token_id`` and labels with -100 to the longest,
     truncates to ``model_max_length``; ``attention_mask`` marks each row's real ids (built from the lengths, since a
     literal ``<unk>`` has the pad id 0); ``gt_scores`` float32; ``images`` stacked [B, n, 3, 448, 448] when all
     shapes agree, else a list; ``task_types`` a list; ``input_type`` "single"."""

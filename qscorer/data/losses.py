@@ -1,19 +1,20 @@
-"""Score-token and pair losses of the DeQA-Score family (facts §10.2, §10.3), made runnable for Q-Scorer.
+"""Score-token and pair losses of the DeQA-Score family, made runnable for Q-Scorer.
 
-The original Q-Scorer ships a pair dataset and pair-loss flags but cannot run them (facts §11.21); these functions
-implement the parent's formulas as pure, batched torch functions. Conventions shared by all of them:
+The original Q-Scorer ships a pair dataset and pair-loss flags but cannot run them (its collator cannot read the
+pair items and its model has no pair branch); these functions implement the parent's formulas as pure, batched
+torch functions. Conventions shared by all of them:
 
 - Score-token logits/probabilities are listed excellent-first, ``<score5>, <score4>, ..., <score1>``, i.e. in the
-  order of the model's ``score_token_id`` list (facts §3.1) and of DeQA's ``level_probs``; their weights are
-  :data:`SCORE_WEIGHTS` = ``(5, 4, 3, 2, 1)``.
+  order of the model's ``score_token_id`` list (ids 32004..32000 with the 7B tokenizer) and of DeQA's
+  ``level_probs``; their weights are :data:`SCORE_WEIGHTS` = ``(5, 4, 3, 2, 1)``.
 - Per-item inputs are 1-D tensors of shape ``[B]`` (scores, stds) or ``[B, 5]`` / ``[B, V]`` (logits, targets).
 - Softmax, erf and square roots run in float32 (or float64 when the inputs are float64): in bf16/fp16 the erf of a
   small score difference and ``sqrt(p * g + 1e-8)`` lose most of their digits and the 1e-8 guards vanish. Results are
   cast back to the dtype of the (first) prediction input, and gradients flow through that cast.
 - Targets (ground-truth preferences, soft labels) are treated as constants: no gradient flows into them.
 
-The regression term of Q-Scorer itself (sum of squared errors of the clamped head output over the batch size,
-facts §3.4) belongs to the model and is not repeated here.
+The regression term of Q-Scorer itself (sum of squared errors of the clamped head output over the batch size)
+belongs to the model and is not repeated here.
 """
 
 from __future__ import annotations

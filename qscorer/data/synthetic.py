@@ -7,7 +7,7 @@ at a continuous strength ``s`` in [0, 1]. The ground truth is a monotone functio
     gt_score = clip(5 - 4 * s + N(0, gt_noise), 1, 5)      (a MOS on [1, 5]; gt_score_norm = gt_score)
     std      = 0.35 + 0.35 * (1 - ((gt_score - 3) / 2)^2) + U(-0.05, 0.05)   (raters agree more at the ends)
     level    = DeQA's five equal bins of gt_score on [1, 5]  ->  answer "<scoreN>" or the level word
-    level_probs = DeQA's soft label of (gt_score, std), "pdf" mode (facts §10.2), excellent-first
+    level_probs = DeQA's soft label of (gt_score, std), "pdf" mode (:func:`level_probs_from_mos`), excellent-first
 
 Test crops never overlap any train crop (train crops may overlap each other), so no pixel of test content is seen in
 training: the split is by source crop.
@@ -88,7 +88,7 @@ TEST_AREA_FRACTION = 0.3
 PLACEMENT_TRIES = 200
 
 
-# ---------------------------------------------------------------- DeQA soft labels (facts §10.2)
+# ---------------------------------------------------------------- DeQA soft labels (its gen_soft_label.py)
 
 
 def mos_level(mos: float, min_mos: float = MOS_MIN, max_mos: float = MOS_MAX) -> int:

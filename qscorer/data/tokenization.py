@@ -1,7 +1,7 @@
 """The LLaMA-2 tokenizer with the five score tokens, and prompt encoding with the original's exact ids.
 
-The original tokenized with transformers 4.36's slow (sentencepiece) ``LlamaTokenizer`` and ``legacy=False``
-(facts §4.1). transformers 5 only ships a tokenizers-backed ``LlamaTokenizer``, which encodes a chunk that starts with
+The original tokenized with transformers 4.36's slow (sentencepiece) ``LlamaTokenizer`` and ``legacy=False``.
+transformers 5 only ships a tokenizers-backed ``LlamaTokenizer``, which encodes a chunk that starts with
 a space (" ASSISTANT: ...") without the lone "▁" (29871) the slow tokenizer emits, so the batch-evaluation prompt
 would come out one id short. Prompt text is therefore encoded here with sentencepiece itself, following the slow
 tokenizer's rules (:class:`SentencePieceTextEncoder`), on every transformers version. The transformers tokenizer
@@ -38,7 +38,7 @@ _ENCODER_ATTRIBUTE = "_qscorer_text_encoder"
 
 
 class SentencePieceTextEncoder:
-    """Encodes text like transformers' slow ``LlamaTokenizer`` with ``legacy=False`` (facts §4.1), without BOS.
+    """Encodes text like transformers' slow ``LlamaTokenizer`` with ``legacy=False``, without BOS.
 
     The rules: the sentencepiece model runs with ``add_dummy_prefix`` disabled; a literal "▁" in the text becomes a
     space and one "▁" is prepended to the whole text; the text is split on the added tokens (``</s>``,
@@ -172,7 +172,7 @@ def encode_text(text: str, tokenizer, *, add_bos: bool = True) -> list[int]:
 
 
 def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX, return_tensors=None):
-    """Ids of ``prompt`` with ``image_token_index`` (-200) for each ``<|image|>`` placeholder (facts §4.2).
+    """Ids of ``prompt`` with ``image_token_index`` (-200) for each ``<|image|>`` placeholder, like the original.
 
     Every text chunk between placeholders is encoded on its own (with BOS); the sequence keeps one BOS at the start,
     the chunks lose theirs, and each placeholder contributes one ``image_token_index``. If the prompt starts with a

@@ -1,4 +1,4 @@
-"""Visual abstractor of mPLUG-Owl2 (facts §2.2).
+"""Visual abstractor of mPLUG-Owl2.
 
 64 learned queries cross-attend, in 6 layers, to the concatenation of themselves and the 1025 image tokens; fixed
 sin-cos positions are added to queries and keys (not values); the residual base of each layer is the NORMALISED
@@ -19,7 +19,7 @@ from .attention import attend
 from .configuration import MplugOwlVisualAbstractorConfig
 
 _LAYER_NORM_DEFAULT_EPS = 1e-5
-"""norm1 / normk / norm2 use PyTorch's default eps in the original, not ``layer_norm_eps`` (facts §2.2)."""
+"""norm1 / normk / norm2 use PyTorch's default eps in the original, not ``layer_norm_eps``."""
 
 
 def _sincos_1d_numpy(dim: int, positions: np.ndarray) -> np.ndarray:

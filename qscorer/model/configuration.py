@@ -1,4 +1,4 @@
-"""Configuration classes of mPLUG-Owl2 / Q-Scorer (facts §1.2, §1.3).
+"""Configuration classes of mPLUG-Owl2 / Q-Scorer.
 
 The class and ``model_type`` names are the original's, so ``config.json`` files written by the original code load
 here and ours load there. The defaults are the 7B model (MAGAer13/mplug-owl2-llama2-7b).
@@ -118,8 +118,8 @@ class MplugOwlVisualAbstractorConfig(PretrainedConfig):
 class MPLUGOwl2Config(PretrainedConfig):
     """LLaMA-2 with modality-adaptive layers, the visual path in ``visual_config``, and the Q-Scorer head fields.
 
-    ``visual_config`` is a plain dict with the sub-dicts ``visual_model`` and ``visual_abstractor`` (facts §1.3);
-    ``vision_config`` / ``abstractor_config`` rebuild the typed sub-configs from it.
+    ``visual_config`` is a plain dict with the sub-dicts ``visual_model`` and ``visual_abstractor``, as the original
+    writes it; ``vision_config`` / ``abstractor_config`` rebuild the typed sub-configs from it.
 
     Q-Scorer fields: ``score_token_id`` (the score token ids, ``<score5>`` first), ``score_tokens`` (the token
     strings, ``<score1>`` first) and ``deepmlp_hidden_dims`` (hidden widths of the regression head).

@@ -1,4 +1,4 @@
-"""Q-Scorer's regression head (facts §3.3): a small MLP from the LLM hidden state to one quality score."""
+"""Q-Scorer's regression head: a small MLP from the LLM hidden state to one quality score."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Modality-adaptive LLaMA layers of mPLUG-Owl2 (facts §2.4), written from scratch.
+"""Modality-adaptive LLaMA layers of mPLUG-Owl2, written from scratch.
 
 ``k_proj``, ``v_proj``, ``input_layernorm`` and ``post_attention_layernorm`` have two branches (``multiway.0`` for
 text tokens, ``multiway.1`` for visual tokens) chosen per token by the modality indicators; everything else is

@@ -1,4 +1,4 @@
-"""MPLUGOwl2LlamaForCausalLM: mPLUG-Owl2 with the Q-Scorer regression head (facts §1.1, §2.3, §2.5, §3).
+"""MPLUGOwl2LlamaForCausalLM: mPLUG-Owl2 with the Q-Scorer regression head.
 
 Data path: images -> vision encoder -> abstractor (65 visual rows each) -> spliced into the text embeddings at the
 -200 placeholders -> modality-adaptive LLaMA -> final-norm hidden states -> ``lm_head`` (token logits) and
@@ -139,7 +139,7 @@ class MPLUGOwl2PreTrainedModel(PreTrainedModel):
         fixed sin-cos tables for the abstractor; tensors loaded from a checkpoint are left alone.
 
         The regression head gets N(0, 0.02) weights too: the original declares a Kaiming init, but under
-        ``from_pretrained`` that call is a no-op and this is what it effectively trains from (facts §3.3).
+        transformers 4.36's ``from_pretrained`` that call is a no-op and this is what it effectively trains from.
         """
         std = self.config.initializer_range
         normal = [module.weight] if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) else []
@@ -164,7 +164,7 @@ class MPLUGOwl2PreTrainedModel(PreTrainedModel):
 
 class MPLUGOwl2LlamaModel(nn.Module):
     """The language model (``embed_tokens``, ``layers``, ``norm``) plus the visual path (``vision_model``,
-    ``visual_abstractor``), registered in the original's order so state-dict keys and order match (facts §1.1)."""
+    ``visual_abstractor``), registered in the original's order so state-dict keys and order match."""
 
     def __init__(self, config: MPLUGOwl2Config):
         super().__init__()
@@ -351,7 +351,7 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         """Grow the embeddings to cover the score tokens and record them in the config.
 
         ``score_tokens`` are ``<score1>``..``<score5>`` and ``score_token_ids`` their ids in the same order. New
-        ``lm_head`` rows are the mean of the existing rows (facts §3.2). New input-embedding rows are the mean of
+        ``lm_head`` rows are the mean of the existing rows, as in the original. New input-embedding rows are the mean of
         the existing rows too (the original left them random N(0, 0.02); they are never trained in LoRA mode and
         every released checkpoint carries its own values, so this choice only affects training from a base model).
         ``config.score_token_id`` lists the ids in reverse (``<score5>`` first), like the original.
@@ -430,7 +430,7 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         input_type: str | None = None,
         task_types: Sequence[str] | None = None,
     ):
-        """``input_type=None``: ``forward_mlp``. ``input_type="single"``: the task-type dispatcher (facts §3.5)."""
+        """``input_type=None``: ``forward_mlp``. ``input_type="single"``: the task-type dispatcher."""
         batch = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -493,7 +493,7 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         gt_scores: torch.Tensor | None = None,
         logits_to_keep: int = 0,
     ):
-        """Causal-LM forward over text with spliced images; with ``labels``, loss = CE + score loss (facts §3.4).
+        """Causal-LM forward over text with spliced images; with ``labels``, loss = CE + score loss.
 
         ``logits_to_keep`` > 0 computes logits for the last positions only (not with ``labels``). With
         ``past_key_values``, ``attention_mask`` (if any) covers the cached and the new tokens.
@@ -577,7 +577,7 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         }
 
     def predict_scores(self, input_ids: torch.Tensor, images) -> ScorePrediction:
-        """Score images with one prefill and one KV-cached step (facts §4.8, without the second full pass).
+        """Score images with one prefill and one KV-cached step (the original: two full forward passes, same numbers).
 
         ``input_ids`` [B, L]: the scoring prompt (same length for every row, ending in "▁is"), one -200 each.
         The argmax token after the prompt is appended; the hidden state at that token feeds the head, and the

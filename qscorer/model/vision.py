@@ -1,4 +1,4 @@
-"""ViT-L/14 vision encoder of mPLUG-Owl2 (facts §2.1).
+"""ViT-L/14 vision encoder of mPLUG-Owl2.
 
 Pre-LayerNorm on the embeddings, 24 pre-norm blocks with QuickGELU MLPs, and a post-LayerNorm over all tokens.
 The fused ``query_key_value`` projection is grouped per head: channels ``h*3*d .. h*3*d+3*d`` hold head h's

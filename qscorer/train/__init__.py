@@ -1,6 +1,6 @@
 """Training (``qscorer train``): the original's flags, model set-up, Trainer, and checkpoints in its LoRA format.
 
-- ``arguments``: :func:`parse_arguments` (ModelArguments / DataArguments / TrainingArguments of facts §6.2).
+- ``arguments``: :func:`parse_arguments` (the original's ModelArguments / DataArguments / TrainingArguments).
 - ``setup``: :func:`build_model`, :func:`lora_target_modules`, :func:`write_base_model`.
 - ``data``: :func:`build_training_data` (single / pair items, soft labels).
 - ``objectives``: :class:`BatchObjective` (dispatcher loss, pair ranking, soft-label KL, in-level).

@@ -1,4 +1,4 @@
-"""The training flags: the original's three argument dataclasses (facts §6.2), parsed with ``HfArgumentParser``.
+"""The training flags: the original's three argument dataclasses, parsed with ``HfArgumentParser``.
 
 Every flag of the original keeps its name and default. Flags added here (loss weights of the pair / soft-label
 objectives, dataset field names, the attention kernel, the unreadable-image policy) are marked "(qscorer)" in their

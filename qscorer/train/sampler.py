@@ -1,4 +1,4 @@
-"""The modality-length grouped sampler of ``--group_by_modality_length`` (facts §6.7).
+"""The modality-length grouped sampler of ``--group_by_modality_length``, as in the original.
 
 Lengths are signed: positive for records with an image, negative for text-only ones. Indices are shuffled, cut into
 megabatches of ``world_size * batch_size``, each megabatch sorted by length (longest first) and dealt to

@@ -1,4 +1,4 @@
-"""LoRA checkpoints in the original's format (facts §6.9), and loading them back into a model being trained.
+"""LoRA checkpoints in the original's format, and loading them back into a model being trained.
 
 A checkpoint folder holds:
 

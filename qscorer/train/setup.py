@@ -1,4 +1,4 @@
-"""Build the model to train (facts §6.3-§6.5): base weights, score tokens, LoRA, trainable set, training config.
+"""Build the model to train: base weights, score tokens, LoRA, trainable set, training config.
 
 Order, as in the original ``train_mem.train``: load the base model in the compute dtype; add the five score tokens
 (embeddings grown, new ``lm_head`` rows = mean of the old ones); ``use_cache`` off; input embeddings made to
@@ -42,7 +42,7 @@ PAIR_CONFIG_FIELDS = (
 
 
 def compute_dtype(training_args) -> torch.dtype:
-    """float16 with ``--fp16``, bfloat16 with ``--bf16``, else float32 (facts §6.3 step 1)."""
+    """float16 with ``--fp16``, bfloat16 with ``--bf16``, else float32, like the original."""
     if training_args.fp16:
         return torch.float16
     if training_args.bf16:
@@ -51,7 +51,7 @@ def compute_dtype(training_args) -> torch.dtype:
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:
-    """Full names of the linear layers LoRA adapts (facts §6.4): every name containing ``q_proj`` or
+    """Full names of the linear layers LoRA adapts, chosen like the original: every name containing ``q_proj`` or
     ``v_proj.multiway.1`` outside the visual abstractor (the vision encoder has none), in module order.
 
     For the 7B model: ``model.layers.{i}.self_attn.q_proj`` and ``model.layers.{i}.self_attn.v_proj.multiway.1``,
@@ -121,7 +121,7 @@ def prepare_for_training(model, model_args, data_args, training_args):
 
 
 def add_lora(model, training_args):
-    """Wrap the model with LoRA adapters on :func:`lora_target_modules` (facts §6.3 step 6); with
+    """Wrap the model with LoRA adapters on :func:`lora_target_modules`; with
     ``--lora_weight_path``, start from that checkpoint's adapter and non-LoRA weights.
 
     The wrapper is a plain ``PeftModel`` (no task type): peft's causal-LM wrapper needs generation hooks this model
@@ -147,7 +147,7 @@ def add_lora(model, training_args):
 
 
 def set_trainable(model, training_args) -> None:
-    """The trainable set of facts §6.3 step 11, in the original's order.
+    """Make the original's trainable set, setting ``requires_grad`` in the original's order.
 
     With LoRA only names containing ``lora_`` first; then every ``lm_head`` and ``deepmlp`` parameter; the whole
     abstractor follows ``--tune_visual_abstractor``, the whole vision encoder ``not --freeze_vision_model``.

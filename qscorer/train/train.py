@@ -55,7 +55,7 @@ def _resume_checkpoint(training_args) -> str | None:
 
 
 def train(model_args, data_args, training_args) -> TrainingRun:
-    """Build the model and data of the flags, train, and save the result into ``--output_dir`` (facts §6.3)."""
+    """Build the model and data of the flags, train, and save the result into ``--output_dir``."""
     from transformers import set_seed
 
     from ..checkpoints import unwrap_peft

@@ -1,5 +1,5 @@
-"""``QScorerTrainer``: the transformers Trainer with the original's sampler and parameter groups (facts §6.7),
-qscorer's batch objective, and checkpoints in the original's LoRA format (facts §6.9).
+"""``QScorerTrainer``: the transformers Trainer with the original's sampler and parameter groups,
+qscorer's batch objective, and checkpoints in the original's LoRA format.
 
 - Sampler: :class:`~qscorer.train.sampler.ModalityLengthGroupedSampler` with ``--group_by_modality_length``.
 - Optimizer: weight decay on every parameter outside LayerNorm / RMSNorm modules whose name lacks "bias";
