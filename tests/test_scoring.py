@@ -12,7 +12,8 @@ from tiny import save_tiny_checkpoint, tiny_model
 
 from qscorer.cli import main
 from qscorer.constants import LONE_SPACE_TOKEN_ID, SCORE_TOKENS_REPORT_ORDER
-from qscorer.data import process_images
+from qscorer.data import process_images, score_processor
+from qscorer.errors import QScorerError
 from qscorer.scoring import Scorer, score_with_two_full_passes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,10 +96,13 @@ def test_score_tensor_keeps_the_graph_to_the_pixels(tiny_scorer_folder, images_f
 def test_model_score_method_matches_the_scorer(tiny_scorer_folder, images_folder):
     scorer = Scorer(tiny_scorer_folder, device="cpu", dtype="float32")
     images = [Image.open(path) for path in sorted(images_folder.glob("*.png"))]
-    assert scorer.model.score(images) == pytest.approx(scorer(images), abs=1e-6)
-    assert scorer.model.score(images[0], prompt="scorer") == pytest.approx(
+    processor = score_processor(scorer.tokenizer)
+    assert scorer.model.score(images, processor) == pytest.approx(scorer(images), abs=1e-6)
+    assert scorer.model.score(images[0], processor, prompt="scorer") == pytest.approx(
         Scorer.from_model(scorer.model, scorer.tokenizer, prompt="scorer")(images[:1]), abs=1e-6
     )
+    with pytest.raises(QScorerError, match=r"score_prompts\.json is absent .*score_processor\(tokenizer\)"):
+        scorer.model.score(images)
 
 
 def test_cli_formats_folders_globs_and_unreadable_images(tiny_scorer_folder, images_folder, capsys):
