@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                                 image_size=options.image_size, seed=options.seed, progress=False)
         tokenizer_dir = build_demo_tokenizer(work / "tokenizer")
         level_word_ids(load_tokenizer(tokenizer_dir))
-        config = tiny_config(DEMO_VOCAB_SIZE, llm_width=options.llm_width, visual_width=options.visual_width)
+        config = tiny_config(DEMO_VOCAB_SIZE, llm_width=options.llm_width, visual_width=options.visual_width,
+                             patch_size=28)
         base = write_base_model(work / "base", config, tokenizer_dir, seed=options.seed, head_start=options.head_bias)
         results = {name: run_arm(name, base, data, work / name, options) for name in ARMS}
 

@@ -1,14 +1,16 @@
-"""The whole pipeline on a tiny model, on CPU, with no download (``qscorer demo`` runs it).
+"""The whole pipeline on a tiny pretrained model, on CPU, with no download (``qscorer demo`` runs it).
 
-1. ``synth``: a synthetic IQA set from scikit-image's bundled photos (graded blur, JPEG, noise, … with MOS 1..5).
-2. A tiny base model: a LLaMA-style tokenizer trained on the spot and a randomly initialised mPLUG-Owl2 with
-   LLM width 64 (the 7B model has 4096), see :func:`tiny_config`.
-3. ``train``: fine-tuning with the real training code (score tokens, regression head and, for a tiny random model,
-   every weight trainable).
-4. ``infer``: batch inference on the held-out images; 5. ``eval``: SRCC / PLCC table and a scatter plot.
+1. ``synth``: a synthetic IQA set (graded blur, JPEG, noise and pixelation, MOS 1..5, 112 px) from the six bundled
+   photos the base was never pretrained on (:func:`~qscorer.demo_base.demo_photos`); train and held-out images come
+   from disjoint crops.
+2. ``train``: fine-tuning of the shipped tiny base (:mod:`qscorer.demo_base`: LLM width 64, vision encoder
+   pretrained to describe distortions on other photos) with the real training code: score tokens, regression head,
+   LLM and abstractor trainable, the pretrained vision encoder frozen (as in ``scripts/train_lora.sh``).
+3. ``infer``: batch inference on the held-out images, scored after the prompt the model was trained on
+   (``--prompt training``); 4. ``eval``: SRCC / PLCC table and a scatter plot.
 
-Each step goes through the ``qscorer`` command line, exactly as a user would run it. The model is tiny and trained
-for a couple of minutes: its numbers show that the pipeline works, not how good Q-Scorer is.
+Each step goes through the ``qscorer`` command line, exactly as a user would run it. The model is tiny and its data
+synthetic: the numbers show that fine-tuning learns, not how good Q-Scorer is on real photos.
 """
 
 from __future__ import annotations
@@ -18,65 +20,30 @@ import logging
 import time
 from pathlib import Path
 
+from .demo_base import DISTORTIONS, IMAGE_SIZE, SHIPPED_BASE, demo_photos, tiny_config
 from .errors import QScorerError
 
 logger = logging.getLogger(__name__)
 
 
-def tiny_config(vocab_size: int, *, llm_width: int = 64, visual_width: int = 64, patch_size: int = 28):
-    """The tiny architecture of the demo and the miniature benchmark: every mPLUG-Owl2 part at 448 px, two layers
-    each, small widths, and 28-px patches (16 x 16 = 256 patches; the 7B model has 14-px patches, 1024 of them).
-
-    ``initializer_range`` is width^-0.5 (0.125 at width 64): the 7B model's 0.02 suits width 4096, and at width 64 it
-    leaves every residual branch so small that the visual tokens barely depend on the image (measured: 2% spread
-    across images at 0.02, 75% at 0.125), and a model trained from scratch learns nothing about quality.
-    """
-    from .model import MPLUGOwl2Config
-
-    def part(width: int) -> dict:
-        return {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 2, "num_attention_heads": 4}
-
-    return MPLUGOwl2Config(
-        vocab_size=vocab_size,
-        hidden_size=llm_width,
-        intermediate_size=2 * llm_width,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        initializer_range=llm_width**-0.5,
-        deepmlp_hidden_dims=[llm_width, llm_width // 2],
-        visual_config={
-            "visual_model": {**part(visual_width), "patch_size": patch_size},
-            "visual_abstractor": {
-                **part(visual_width),
-                "encoder_hidden_size": visual_width,
-                "grid_size": 448 // patch_size,
-            },
-        },
-    )
+def synth_arguments(data: Path, *, num_train: int, num_test: int, seed: int) -> list[str]:
+    """The ``qscorer synth`` command line of the demo's data: 112-px images of the photos the base never saw."""
+    return [
+        "synth", "--out", str(data), "--num-train", str(num_train), "--num-test", str(num_test),
+        "--image-size", str(IMAGE_SIZE), "--seed", str(seed), "--distortions", ",".join(DISTORTIONS),
+        "--photos", ",".join(demo_photos()),
+    ]  # fmt: skip
 
 
-DEMO_DISTORTIONS = ("blur", "jpeg", "noise", "pixelate")
-"""The structural distortions: global brightness and contrast changes are largely normalised away by the LayerNorm
-that follows the patch embedding, so a tiny model trained for two minutes cannot pick them up."""
+DEMO_PROMPT = "training"
+"""The prompt the demo scores with: the fine-tuning template's prefix, the context the head was trained at."""
 
-HEAD_START = 3.0
-"""Starting value of the head's output bias for models trained from scratch: the middle of the score scale."""
-
-
-def build_tiny_base(folder: str | Path, seed: int = 0) -> Path:
-    """A base-model folder like ``mplug-owl2-llama2-7b`` (config, weights, tokenizer, image-processor config), with
-    the tiny architecture and random weights; no score tokens yet (training adds them)."""
-    from .data import build_demo_tokenizer, load_tokenizer
-    from .train.setup import write_base_model
-
-    tokenizer = build_demo_tokenizer(Path(folder) / "tokenizer")
-    config = tiny_config(load_tokenizer(tokenizer).vocab_size)
-    return write_base_model(folder, config, tokenizer, seed=seed, head_start=HEAD_START)
+__all__ = ["DEMO_PROMPT", "run_demo", "synth_arguments", "tiny_config", "training_arguments"]
 
 
 def training_arguments(base: Path, data: Path, output: Path, *, epochs: float, seed: int) -> list[str]:
-    """The ``qscorer train`` flags of the demo: scripts/train_lora.sh's recipe scaled to a tiny model on CPU, with
-    every weight trained (a random tiny LLM has nothing worth keeping frozen; LoRA learns less in two minutes)."""
+    """The ``qscorer train`` command line of the demo: the LLM, abstractor, score tokens and head trained on the
+    score records, the pretrained vision encoder frozen, cosine schedule, at a tiny model's scale."""
     flags = {
         "model_name_or_path": base,
         "version": "v1",
@@ -89,7 +56,7 @@ def training_arguments(base: Path, data: Path, output: Path, *, epochs: float, s
         "image_aspect_ratio": "pad",
         "group_by_modality_length": True,
         "tune_visual_abstractor": True,
-        "freeze_vision_model": False,
+        "freeze_vision_model": True,
         "weight_next_token": 1.0,
         "num_train_epochs": epochs,
         "per_device_train_batch_size": 16,
@@ -106,49 +73,47 @@ def training_arguments(base: Path, data: Path, output: Path, *, epochs: float, s
         "dataloader_pin_memory": False,
         "seed": seed,
     }
-    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+    return ["train", *(item for key, value in flags.items() for item in (f"--{key}", str(value)))]
 
 
-def run_demo(out_dir: str | Path, *, num_train: int, num_test: int, epochs: float, seed: int) -> dict:
-    """Run the five steps into ``out_dir``; returns the evaluation metrics and the output paths."""
+def inference_arguments(checkpoint: Path, data: Path, results: Path, *, prompt: str) -> list[str]:
+    """The ``qscorer infer`` command line that scores the held-out images after ``prompt``."""
+    return [
+        "infer", "--model-path", str(checkpoint), "--meta-paths", str(data / "metas" / "test.json"),
+        "--root-dir", str(data), "--save-dir", str(results), "--prompt", prompt, "--device", "cpu",
+        "--dtype", "float32", "--batch-size", "16", "--num-workers", "2",
+    ]  # fmt: skip
+
+
+def run_demo(out_dir: str | Path, *, num_train: int, num_test: int, epochs: float, seed: int,
+             base: str | Path = SHIPPED_BASE) -> dict:
+    """Run the four steps into ``out_dir``; returns the evaluation metrics, the step timings and the output paths."""
     from .cli import main
-    from .data.synthetic import build_synthetic_iqa
 
     out = Path(out_dir)
-    data, base, checkpoint, results = out / "data", out / "tiny_base", out / "checkpoint", out / "results"
+    data, checkpoint, results = out / "data", out / "checkpoint", out / "results"
     timings = {}
 
-    def step(name: str, function) -> None:
-        logger.info("demo step: %s", name)
+    def step(name: str, argv: list[str]) -> None:
+        logger.info("demo step: qscorer %s", " ".join(argv))
         start = time.perf_counter()
-        status = function()
+        status = main(argv)
         timings[name] = round(time.perf_counter() - start, 1)
-        if isinstance(status, int) and status != 0:
+        if status != 0:
             raise QScorerError(f"demo step {name!r} failed with exit status {status}")
 
-    step(
-        "synth",
-        lambda: build_synthetic_iqa(
-            data, num_train=num_train, num_test=num_test, image_size=224, seed=seed, distortions=DEMO_DISTORTIONS
-        ),
-    )
-    step("tiny base model", lambda: build_tiny_base(base, seed=seed))
-    step("train", lambda: main(["train", *training_arguments(base, data, checkpoint, epochs=epochs, seed=seed)]))
-    infer = [
-        "infer", "--model-path", str(checkpoint), "--meta-paths",
-        str(data / "metas" / "test.json"), "--root-dir", str(data), "--save-dir", str(results),
-        "--device", "cpu", "--dtype", "float32", "--batch-size", "16", "--num-workers", "2",
-    ]  # fmt: skip
-    step("infer", lambda: main(infer))
+    step("synth", synth_arguments(data, num_train=num_train, num_test=num_test, seed=seed))
+    step("train", training_arguments(Path(base), data, checkpoint, epochs=epochs, seed=seed))
+    step("infer", inference_arguments(checkpoint, data, results, prompt=DEMO_PROMPT))
     report = results / "results.json"
-    evaluate = ["eval", "--pred_paths", str(results / "test.json"), "--gt_paths", str(data / "metas" / "test.json"),
-                "--out", str(report), "--plot-dir", str(results / "plots")]  # fmt: skip
-    step("eval", lambda: main(evaluate))
-    metrics = json.loads(report.read_text())["test"]
+    step("eval", ["eval", "--pred_paths", str(results / "test.json"), "--gt_paths", str(data / "metas" / "test.json"),
+                  "--out", str(report), "--plot-dir", str(results / "plots")])  # fmt: skip
     return {
-        "metrics": metrics,
+        "metrics": json.loads(report.read_text())["test"],
         "seconds": timings,
+        "prompt": DEMO_PROMPT,
         "predictions": str(results / "test.json"),
         "plot": str(results / "plots" / "test.png"),
         "checkpoint": str(checkpoint),
+        "base": str(base),
     }

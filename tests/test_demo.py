@@ -2,8 +2,12 @@
 
 import json
 
+import pytest
+import torch
+
 from qscorer.cli import main
 from qscorer.demo import tiny_config
+from qscorer.demo_base import PRETRAINING_PHOTOS, SHIPPED_BASE, demo_photos, transplant_encoder
 
 
 def test_demo_runs_the_pipeline_and_reports(tmp_path, capsys):
@@ -11,13 +15,10 @@ def test_demo_runs_the_pipeline_and_reports(tmp_path, capsys):
     status = main(["demo", "--out", str(out), "--num-train", "16", "--num-test", "8", "--epochs", "1"])
     assert status == 0
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["metrics"]["n"] == 8 and set(summary["seconds"]) == {
-        "synth",
-        "tiny base model",
-        "train",
-        "infer",
-        "eval",
-    }
+    assert summary["metrics"]["n"] == 8 and set(summary["seconds"]) == {"synth", "train", "infer", "eval"}
+    assert summary["prompt"] == "training" and summary["base"] == str(SHIPPED_BASE)
+    dataset = json.loads((out / "data" / "dataset.json").read_text())
+    assert sorted(dataset["source_photos"]) == sorted(demo_photos()) and dataset["image_size"] == 112
     predictions = [json.loads(line) for line in (out / "results" / "test.json").read_text().splitlines()]
     assert len(predictions) == 8 and all("score" in record for record in predictions)
     assert (out / "results" / "plots" / "test.png").read_bytes()[:4] == b"\x89PNG"
@@ -37,5 +38,41 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
 
 def test_tiny_config_scales_the_init_with_the_width():
     config = tiny_config(512)
-    assert config.initializer_range == 64**-0.5 and config.vision_config.patch_size == 28
-    assert config.abstractor_config.grid_size == 16 and config.vision_config.image_size == 448
+    assert config.initializer_range == 64**-0.5 and config.vision_config.patch_size == 32
+    assert config.abstractor_config.grid_size == 14 and config.vision_config.image_size == 448
+
+
+def test_demo_photos_are_disjoint_from_the_pretraining_photos():
+    assert len(demo_photos()) == 6 and not set(demo_photos()) & set(PRETRAINING_PHOTOS)
+
+
+def test_shipped_base_is_a_small_base_without_score_tokens():
+    config = json.loads((SHIPPED_BASE / "config.json").read_text())
+    assert config["score_token_id"] == [] and config["visual_config"]["visual_model"]["patch_size"] == 32
+    assert (SHIPPED_BASE / "model.safetensors").stat().st_size < 5_000_000
+
+
+def test_transplanted_encoder_sees_an_upsampled_image_as_the_pretrained_one_sees_the_image():
+    """The 448-px encoder on a 4x nearest-upsampled 112-px image gives the 112-px encoder's features."""
+    from qscorer.model import MPLUGOwl2LlamaForCausalLM
+    from qscorer.model.configuration import MplugOwlVisionConfig
+    from qscorer.model.vision import MplugOwlVisionModel
+
+    class Attention:
+        _attn_implementation = "sdpa"
+
+    torch.manual_seed(0)
+    small = MplugOwlVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=112, patch_size=8)
+    encoder = MplugOwlVisionModel(small, Attention()).eval()
+    for parameter in encoder.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    model = MPLUGOwl2LlamaForCausalLM(tiny_config(512)).eval()
+    transplant_encoder(model, encoder)
+    image = torch.randn(2, 3, 112, 112)
+    upsampled = image.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    with torch.no_grad():
+        expected = encoder(image)
+        got = model.model.vision_model(upsampled)
+    assert got.shape == (2, 197, 64) and torch.allclose(got, expected, atol=1e-4)
+    assert model.deepmlp.output_layer.bias.tolist() == pytest.approx([3.0])

@@ -27,7 +27,7 @@ def test_demo_tokenizer_splits_like_llama2_around_score_tokens(tmp_path):
     pieces = tokenizer.convert_ids_to_tokens(ids)
     assert pieces[0] == "<s>" and pieces[-4:] == ["▁is", "▁", "<score4>", "."]
     assert ids[-2] == score_token_ids(tokenizer)[SCORE_TOKENS.index("<score4>")]
-    for kind in ("eval", "scorer"):
+    for kind in ("eval", "scorer", "training"):
         prompt = scoring_prompt_ids(tokenizer, kind)
         assert prompt.count(-200) == 1 and tokenizer.convert_ids_to_tokens(prompt[-1:]) == ["▁is"]
         assert tokenizer.convert_ids_to_tokens(prompt[prompt.index(-200) + 1 : prompt.index(-200) + 2]) == ["▁"]

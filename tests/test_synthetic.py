@@ -287,6 +287,10 @@ def test_bad_input_raises_qscorer_error(tmp_path):
         build(tmp_path / "b", num_train=0)
     with pytest.raises(QScorerError, match="--image-size"):
         build(tmp_path / "c", image_size=8)
+    with pytest.raises(QScorerError, match="lena"):
+        build(tmp_path / "d", photos=["camera", "lena"])
+    with pytest.raises(QScorerError, match="twice"):
+        build(tmp_path / "e", photos=["camera", "camera"])
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -311,10 +315,11 @@ def test_rebuild_replaces_previous_output(tmp_path):
 def test_cli(tmp_path, capsys):
     root = tmp_path / "cli"
     args = ["synth", "--out", str(root), "--num-train", "6", "--num-test", "3", "--image-size", "48"]
-    assert cli_main(args + ["--seed", "2", "--distortions", "blur, noise"]) == 0
+    assert cli_main(args + ["--seed", "2", "--distortions", "blur, noise", "--photos", "camera,coffee"]) == 0
     assert capsys.readouterr().out.strip() == str(root)
-    train = load_meta(root, "train.json")
+    train, test = load_meta(root, "train.json"), load_meta(root, "test.json")
     assert len(train) == 6 and {r["distortion"] for r in train} == {"blur", "noise"}
+    assert {r["source"] for r in train + test} == {"camera", "coffee"}
     assert json.loads((root / "dataset.json").read_text())["seed"] == 2
     assert cli_main(["synth", "--out", str(tmp_path / "bad"), "--distortions", "blur,warp"]) == 2
     assert "warp" in capsys.readouterr().err

@@ -54,6 +54,19 @@ def test_scoring_prompts_give_the_original_ids(tokenizer, golden_tokens):
     assert pieces == [p for p in golden_tokens["pieces_iqa"] if p != "<IMAGE>"]
 
 
+def test_training_scoring_prompt_is_the_prefix_of_the_original_training_ids(tokenizer, golden_dir):
+    # The original's training records end "... ▁is ▁ <scoreN> . </s>": the prompt is what precedes the lone "▁".
+    samples = json.loads((golden_dir / "training.json").read_text())["preprocessing"]["samples"]
+    ids = scoring_prompt_ids(tokenizer, "training")
+    assert len(ids) == 59 and ids[-1] == 338 and ids.count(IMAGE_TOKEN_INDEX) == 1
+    assert all(sample["input_ids"][:-4] == ids for sample in samples)
+    assert build_scoring_prompt("training") == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <|image|>\nHow would you rate the quality of "
+        "this image? ASSISTANT: The quality of the image is"
+    )
+
+
 def test_probes(tokenizer, golden_tokens):
     for text, ids in golden_tokens["probes"].items():
         assert encode_text(text, tokenizer) == ids, text

@@ -1,4 +1,4 @@
-"""``qscorer demo``: synth -> tiny base -> train -> infer -> eval on CPU, then a summary of what it showed."""
+"""``qscorer demo``: synth -> train (from the shipped tiny base) -> infer -> eval on CPU, then a summary."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-test", type=int, default=100)
     parser.add_argument("--epochs", type=float, default=12.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", default=None, help="base model folder to fine-tune (default: the shipped tiny base)")
 
 
 def run(args) -> int:
     from ..demo import run_demo
+    from ..demo_base import SHIPPED_BASE
 
     out = Path(args.out)
     if out.exists():
@@ -27,20 +29,22 @@ def run(args) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / "demo.json").write_text(json.dumps({"status": "running"}, allow_nan=False) + "\n")
-    summary = run_demo(out, num_train=args.num_train, num_test=args.num_test, epochs=args.epochs, seed=args.seed)
+    summary = run_demo(out, num_train=args.num_train, num_test=args.num_test, epochs=args.epochs, seed=args.seed,
+                       base=args.base or SHIPPED_BASE)
     (out / "demo.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     metrics = summary["metrics"]
     print(
-        "\nqscorer demo: a TINY model (LLM width 64, random start) trained for "
+        "\nqscorer demo: a TINY model (LLM width 64, vision encoder pretrained on other photos) fine-tuned for "
         f"{summary['seconds']['train']:.0f} s on CPU on synthetic distortions."
     )
     print("It shows the pipeline working end to end; it says nothing about Q-Scorer's accuracy on real images.")
     correlations = "   ".join(f"{key} {_number(metrics[key])}" for key in ("SRCC", "PLCC"))
-    print(f"  held-out images: {metrics['n']}   {correlations}")
+    print(f"  held-out images: {metrics['n']}   {correlations}   (prompt: {summary['prompt']})")
     print(f"  predictions:     {summary['predictions']}")
     print(f"  scatter plot:    {summary['plot']}")
     print(f"  checkpoint:      {summary['checkpoint']}")
-    print(f"  score an image:  qscorer score --model-path {summary['checkpoint']} fig/sample.jpg")
+    print(f"  score an image:  qscorer score --model-path {summary['checkpoint']} --prompt {summary['prompt']} "
+          "fig/sample.jpg")
     return 0
 
 

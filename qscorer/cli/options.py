@@ -49,7 +49,11 @@ def add_scoring_arguments(parser: argparse.ArgumentParser, *, batch_size: int, n
     from ..data.conversation import SCORING_PROMPT_KINDS
 
     parser.add_argument(
-        "--prompt", choices=SCORING_PROMPT_KINDS, default="eval", help="eval (default, the published numbers) or scorer"
+        "--prompt",
+        choices=SCORING_PROMPT_KINDS,
+        default="eval",
+        help="eval (default, the published numbers), scorer (the original scorer.py's) or training (the fine-tuning "
+        "template up to the answer, the context the score token was trained after)",
     )
     parser.add_argument("--no-clamp", action="store_true", help="do not clamp scores to [0, 5] (the original's CLIs)")
     parser.add_argument("--batch-size", type=int, default=batch_size)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..data.synthetic import DISTORTIONS
+    from ..data.synthetic import DISTORTIONS, SOURCE_PHOTOS
 
     parser.add_argument("--out", required=True, type=Path, help="output folder (absent, empty or a previous synth)")
     parser.add_argument("--num-train", type=int, default=400, help="train images (default 400)")
@@ -19,20 +19,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(DISTORTIONS),
         help=f"comma-separated distortions (default all: {','.join(DISTORTIONS)})",
     )
+    parser.add_argument(
+        "--photos",
+        default=",".join(SOURCE_PHOTOS),
+        help=f"comma-separated scikit-image photos to crop (default all: {','.join(SOURCE_PHOTOS)})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the dataset and print its folder."""
     from ..data.synthetic import build_synthetic_iqa
 
-    distortions = tuple(name.strip() for name in args.distortions.split(",") if name.strip())
     result = build_synthetic_iqa(
         args.out,
         num_train=args.num_train,
         num_test=args.num_test,
         image_size=args.image_size,
         seed=args.seed,
-        distortions=distortions,
+        distortions=_names(args.distortions),
+        photos=_names(args.photos),
     )
     print(result["out_dir"])
     return 0
+
+
+def _names(option: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in option.split(",") if name.strip())

@@ -4,7 +4,9 @@
   "\\n" before ASSISTANT;
 - scoring prompt, ``kind="eval"`` (batch evaluation, iqa_eval.py): the mplug_owl2 template, so a space before
   ASSISTANT;
-- training prompt (the v1 template): system message, image moved before the question, " ASSISTANT: " and "</s>".
+- training prompt (the v1 template): system message, image moved before the question, " ASSISTANT: " and "</s>";
+- scoring prompt, ``kind="training"`` (qscorer's addition; the original never scores with it): the training prompt
+  up to the answer prefix, i.e. the context a fine-tuned model was trained to emit the score token after.
 
 :func:`scoring_prompt_ids` gives the ids of the scoring prompts; :func:`qscorer.data.datasets.preprocess` those of
 training records. This module is shipped with the remote-code model: it imports only the standard library,
@@ -67,7 +69,7 @@ MPLUG_OWL2 = ConversationTemplate(name="mplug_owl2", system="")
 TEMPLATES = {"v1": V1, "vicuna_v1": V1, "mplug_owl2": MPLUG_OWL2}
 """The original's templates with this separator style ("v0"/"default" use "###" and are not reached by Q-Scorer)."""
 
-SCORING_PROMPT_KINDS = ("scorer", "eval")
+SCORING_PROMPT_KINDS = ("scorer", "eval", "training")
 
 
 def get_template(version: str) -> ConversationTemplate:
@@ -79,17 +81,22 @@ def get_template(version: str) -> ConversationTemplate:
 
 
 def build_scoring_prompt(kind: str = "scorer") -> str:
-    """The inference prompt: ``kind="scorer"`` (scorer.py, ``score()``) or ``"eval"`` (batch evaluation)."""
+    """The inference prompt: ``kind="scorer"`` (scorer.py, ``score()``), ``"eval"`` (batch evaluation) or
+    ``"training"`` (the v1 training template with the image first, cut after the answer prefix)."""
     question = f"{SCORING_QUESTION}\n{DEFAULT_IMAGE_TOKEN}"
     if kind == "scorer":
         return f"USER: {question}\nASSISTANT: {ANSWER_PREFIX}"
     if kind == "eval":
         return MPLUG_OWL2.render([("USER", question), ("ASSISTANT", None)]) + f" {ANSWER_PREFIX}"
+    if kind == "training":
+        image_first = f"{DEFAULT_IMAGE_TOKEN}\n{SCORING_QUESTION}"
+        return V1.render([(V1.roles[0], image_first), (V1.roles[1], None)]) + f" {ANSWER_PREFIX}"
     raise QScorerError(f"unknown scoring prompt kind {kind!r}; choose one of {list(SCORING_PROMPT_KINDS)}")
 
 
 def scoring_prompt_ids(tokenizer, kind: str = "scorer") -> list[int]:
-    """Ids of a scoring prompt, with -200 for the image: 28 ids for both kinds on LLaMA-2."""
+    """Ids of a scoring prompt, with -200 for the image: on LLaMA-2, 28 ids for "scorer" and "eval",
+    59 for "training" (the first 59 ids of a training record answering "... is <scoreN>.")."""
     return tokenizer_image_token(build_scoring_prompt(kind), tokenizer)
 
 

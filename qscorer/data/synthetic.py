@@ -386,7 +386,19 @@ def _check_out_dir(out_dir: Path) -> None:
     marker.unlink()
 
 
-def _validate(num_train: int, num_test: int, image_size: int, seed: int, distortions, variants_per_crop, gt_noise):
+def _check_names(option: str, names: tuple[str, ...], known: tuple[str, ...]) -> None:
+    """Refuse an empty, unknown or repeated name in a list option such as ``--distortions``."""
+    if not names:
+        raise QScorerError(f"{option} is empty")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise QScorerError(f"unknown name(s) {', '.join(unknown)} in {option}; known: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise QScorerError(f"{option} lists a name twice: {', '.join(names)}")
+
+
+def _validate(num_train: int, num_test: int, image_size: int, seed: int, distortions, photos, variants_per_crop,
+              gt_noise):
     if num_train < 1:
         raise QScorerError(f"--num-train must be at least 1, got {num_train}")
     if num_test < 0:
@@ -399,15 +411,8 @@ def _validate(num_train: int, num_test: int, image_size: int, seed: int, distort
         raise QScorerError(f"variants_per_crop must be at least 1, got {variants_per_crop}")
     if gt_noise < 0:
         raise QScorerError(f"gt_noise must be non-negative, got {gt_noise}")
-    if not distortions:
-        raise QScorerError("--distortions is empty")
-    unknown = [name for name in distortions if name not in DISTORTIONS]
-    if unknown:
-        raise QScorerError(
-            f"unknown distortion(s) {', '.join(unknown)} in --distortions; known: {', '.join(DISTORTIONS)}"
-        )
-    if len(set(distortions)) != len(distortions):
-        raise QScorerError(f"--distortions lists a distortion twice: {', '.join(distortions)}")
+    _check_names("--distortions", distortions, DISTORTIONS)
+    _check_names("--photos", photos, SOURCE_PHOTOS)
 
 
 def _plan_split(count: int, distortions: tuple[str, ...], rng: np.random.Generator) -> list[tuple[str, float]]:
@@ -433,21 +438,23 @@ def build_synthetic_iqa(
     image_size: int = 256,
     seed: int = 0,
     distortions: tuple[str, ...] | list[str] = DISTORTIONS,
+    photos: tuple[str, ...] | list[str] = SOURCE_PHOTOS,
     variants_per_crop: int = 4,
     gt_noise: float = 0.1,
     progress: bool = True,
 ) -> dict:
     """Build the synthetic IQA dataset into ``out_dir`` and return its paths and counts.
 
-    Deterministic for a seed: the metas are byte-identical and the images pixel-identical across runs. Each source
-    crop serves about ``variants_per_crop`` images; ``gt_noise`` is the std of the noise added to the MOS.
+    Deterministic for a seed: the metas are byte-identical and the images pixel-identical across runs. Crops come
+    from ``photos`` (names of :data:`SOURCE_PHOTOS`; two builds with disjoint ``photos`` share no content). Each
+    source crop serves about ``variants_per_crop`` images; ``gt_noise`` is the std of the noise added to the MOS.
     ``out_dir`` must be absent, empty, or a previous output of this builder (which is replaced).
     """
-    distortions = tuple(distortions)
-    _validate(num_train, num_test, image_size, seed, distortions, variants_per_crop, gt_noise)
+    distortions, photo_names = tuple(distortions), tuple(photos)
+    _validate(num_train, num_test, image_size, seed, distortions, photo_names, variants_per_crop, gt_noise)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    photos = load_source_photos()
+    photos = load_source_photos(photo_names)
 
     planner = np.random.default_rng([seed, 0])
     test_crops = _place_test_crops(photos, math.ceil(num_test / variants_per_crop), image_size, planner)

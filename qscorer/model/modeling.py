@@ -606,8 +606,8 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         ``processor`` turns the images into prompt ids and pixel values; by default it is read from the model folder
         (``score_prompts.json``, written by ``qscorer merge``). The original took a tokenizer and an image processor
         instead. ``prompt="eval"`` is the original's batch-evaluation prompt (the published numbers);
-        ``prompt="scorer"`` is the one the original ``score()`` used. Scores are clamped to [0, 5] unless
-        ``clamp=False``.
+        ``prompt="scorer"`` is the one the original ``score()`` used; ``prompt="training"`` is the training template
+        up to the answer. Scores are clamped to [0, 5] unless ``clamp=False``.
         """
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if processor is None:

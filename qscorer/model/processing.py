@@ -24,7 +24,7 @@ SCORE_PROMPTS_FILE = "score_prompts.json"
 class ScoreProcessor:
     """Images -> (prompt ids [B, L], pixel values [B, 3, 448, 448]) for one of the stored scoring prompts.
 
-    ``prompt_ids`` maps a prompt name ("eval", "scorer") to its ids, with -200 where the image goes.
+    ``prompt_ids`` maps a prompt name ("eval", "scorer", "training") to its ids, with -200 where the image goes.
     """
 
     def __init__(self, prompt_ids: Mapping[str, Sequence[int]], image_processor: ImageProcessor | None = None):

@@ -188,21 +188,27 @@ def record_training_config(config, data_args, training_args) -> None:
 def write_base_model(output_dir, config, tokenizer_dir, *, seed: int = 0, head_start: float | None = None) -> Path:
     """Write a randomly initialised base model folder to train from scratch (tiny experiments, tests, benchmarks).
 
-    The folder gets ``config.json``, the weights, the tokenizer files of ``tokenizer_dir`` (its ``tokenizer.model``
-    and configs; the score tokens are added at training time) and the image-processor config. ``config.vocab_size``
-    must be the tokenizer's vocabulary without the score tokens. ``head_start`` sets the regression head's output
-    bias (e.g. 3, mid-scale: from 0, half the first predictions fall below the training loss's [0, 5] clamp, where
-    they get no gradient).
+    The folder is that of :func:`save_base_model`. ``config.vocab_size`` must be the tokenizer's vocabulary without
+    the score tokens. ``head_start`` sets the regression head's output bias (e.g. 3, mid-scale: from 0, half the
+    first predictions fall below the training loss's [0, 5] clamp, where they get no gradient).
     """
     from ..model import MPLUGOwl2LlamaForCausalLM
-    from ..model.image_processing import ImageProcessor
 
-    output_dir = Path(output_dir)
     torch.manual_seed(seed)
     model = MPLUGOwl2LlamaForCausalLM(config)
     if head_start is not None:
         with torch.no_grad():
             model.deepmlp.output_layer.bias.fill_(head_start)
+    return save_base_model(model, output_dir, tokenizer_dir)
+
+
+def save_base_model(model, output_dir, tokenizer_dir) -> Path:
+    """Write ``model`` as a base model folder like ``mplug-owl2-llama2-7b``: ``config.json``, the safetensors
+    weights, the tokenizer files of ``tokenizer_dir`` (its ``tokenizer.model`` and configs; the score tokens are
+    added at training time) and the image-processor config."""
+    from ..model.image_processing import ImageProcessor
+
+    output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     for name in TOKENIZER_FILES:
         source = Path(tokenizer_dir) / name
