@@ -201,8 +201,10 @@ def serve(device: Device, shared: Path, quick: bool) -> dict:
         return {"skipped": f"{tokenizer_dir} is absent (pass --shared)"}
     model = random_model(CONFIG, torch.bfloat16, device.device)
     scorer = Scorer.from_model(model, load_tokenizer(tokenizer_dir), clamp=False)
+    # bf16 scores of the random 7B model move with the batch they are computed in (on 2 CPU cores: by more than 0.05
+    # for 2 of 11 images between batch 1 and batch 2); fp32 equality is what the serving tests check.
     load = Load(clients=4 if quick else 32, requests=1 if quick else 4, rounds=1, max_batch_size=2 if quick else 32,
-                tolerance=5e-2)
+                tolerance=0.1)
     with tempfile.TemporaryDirectory() as folder:
         row = service_row(CONFIG, scorer, make_images(Path(folder), 64, (512, 512)), load)
     del scorer, model
