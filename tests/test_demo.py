@@ -36,6 +36,12 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     assert "not a previous demo output" in capsys.readouterr().err and (tmp_path / "mine.txt").exists()
 
 
+def test_demo_refuses_a_base_that_is_not_a_model_folder_before_any_step(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "out"), "--base", str(tmp_path / "missing")]) == 2
+    assert "is not a model folder (no config.json)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_tiny_config_scales_the_init_with_the_width():
     config = tiny_config(512)
     assert config.initializer_range == 64**-0.5 and config.vision_config.patch_size == 32

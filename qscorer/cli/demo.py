@@ -22,6 +22,9 @@ def run(args) -> int:
     from ..demo import run_demo
     from ..demo_base import SHIPPED_BASE
 
+    base = Path(args.base) if args.base else SHIPPED_BASE
+    if not (base / "config.json").is_file():
+        raise QScorerError(f"--base {base} is not a model folder (no config.json)")
     out = Path(args.out)
     if out.exists():
         if not (out / "demo.json").exists():
@@ -30,7 +33,7 @@ def run(args) -> int:
     out.mkdir(parents=True)
     (out / "demo.json").write_text(json.dumps({"status": "running"}, allow_nan=False) + "\n")
     summary = run_demo(out, num_train=args.num_train, num_test=args.num_test, epochs=args.epochs, seed=args.seed,
-                       base=args.base or SHIPPED_BASE)
+                       base=base)
     (out / "demo.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     metrics = summary["metrics"]
     print(
