@@ -80,11 +80,13 @@ def quantized_linear(
 ) -> nn.Module:
     """A bitsandbytes linear layer holding ``weight`` [out, in] quantized on ``device``.
 
-    ``weight`` is cast to ``compute_dtype`` first (the LoRA delta is already merged into it, in float32).
+    ``weight`` (on any device) is cast to ``compute_dtype`` first (the LoRA delta is already merged into it, in
+    float32).
     """
     bnb = bitsandbytes()
     out_features, in_features = weight.shape
-    weight = weight.to(compute_dtype)
+    # Int8Params quantizes only when it is moved from the CPU: a weight already on the GPU would stay in float16.
+    weight = weight.to("cpu" if mode == "8bit" else weight.device, compute_dtype)
     with torch.device("meta"):
         if mode == "8bit":
             layer = bnb.nn.Linear8bitLt(
