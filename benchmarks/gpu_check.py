@@ -11,11 +11,16 @@ the others):
 2. ``memory``: peak memory of loading and scoring (batch 8) the 7B model in fp16, 8-bit and 4-bit.
 3. ``parity``: the tiny parity checkpoints (``--shared``) scored in float32 on CUDA and on CPU: max difference
    (goal <= 1e-4), and against the original's golden scores.
-4. ``batch_invariance``: fp16, 8 images scored one at a time and as one batch of 8: max score difference.
-5. ``serve``: ``qscorer serve``'s service on the 7B shapes (random weights, bf16, the LLaMA-2 tokenizer from
+4. ``batch_invariance``: fp16 and fp32, 8 images scored one at a time and as one batch of 8: max score difference,
+   and the relative difference of image 0's activations after the vision encoder, the abstractor and several LLM
+   layers (where the two runs part, and whether the difference grows through the layers).
+5. ``attention``: the 7B shapes in bf16 at batch 8 with each attention kernel (eager, sdpa, and flash_attention_2
+   where flash-attn is installed): images/s and the largest score difference from eager; and the parity
+   checkpoint scored on the device in float32 and bfloat16 with each kernel, against the original's golden scores.
+6. ``serve``: ``qscorer serve``'s service on the 7B shapes (random weights, bf16, the LLaMA-2 tokenizer from
    ``--shared``): 32 clients x 4 requests of 1-4 PNG images on the loopback, at max batch 32 and 1, next to
    in-process ``Scorer`` at batch 32 (``benchmarks/bench_serve.py``): images/s, p50/p95, failed / lost / mismatched.
-6. ``training_step``: one LoRA training step at 7B with train_lora.sh's set-up (r 128 on q_proj / v_proj.multiway.1,
+7. ``training_step``: one LoRA training step at 7B with train_lora.sh's set-up (r 128 on q_proj / v_proj.multiway.1,
    vision encoder, abstractor, lm_head and head trainable), batch 16, bf16 autocast, gradient checkpointing,
    AdamW: seconds per step and peak memory.
 
@@ -96,6 +101,12 @@ def _inputs(batch: int, device: torch.device, dtype: torch.dtype, seed: int = 0)
     return torch.tensor([EVAL_PROMPT_IDS] * batch, device=device), pixels
 
 
+def _range(scores: torch.Tensor) -> list[float]:
+    """[min, max] of a batch's scores: the random model's scores are not on the 1-5 scale, so differences are read
+    against this spread."""
+    return [round(float(scores.min()), 3), round(float(scores.max()), 3)]
+
+
 def throughput(device: Device, batches: list[int], repeats: int) -> list[dict]:
     rows = []
     for dtype in (torch.bfloat16, torch.float16):
@@ -117,6 +128,7 @@ def throughput(device: Device, batches: list[int], repeats: int) -> list[dict]:
                     "two_full_passes_images_per_s": round(batch / reference_s, 2),
                     "time_ratio": round(ours_s / reference_s, 3),
                     "max_score_difference": float((ours.scores.float() - reference.float()).abs().max()),
+                    "score_range": _range(ours.scores.float()),
                     "peak_gib": peak,
                 }
             )
@@ -179,16 +191,115 @@ def parity(device: Device, shared: Path) -> dict:
     return results
 
 
-def batch_invariance(device: Device, size: int = 8) -> dict:
-    model = random_model(CONFIG, torch.float16, device.device)
-    input_ids, pixels = _inputs(size, device.device, torch.float16, seed=1)
-    with torch.inference_mode():
-        together = model.predict_scores(input_ids, pixels).scores.float()
-        alone = torch.cat(
-            [model.predict_scores(input_ids[i : i + 1], pixels[i : i + 1]).scores.float() for i in range(size)]
+def _first_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
+
+
+def _probe_points(model) -> dict[str, torch.nn.Module]:
+    layers = model.model.layers
+    points = {"vision_model": model.model.vision_model, "visual_abstractor": model.model.visual_abstractor}
+    for index in sorted({0, 1, 3, len(layers) // 4, len(layers) // 2, len(layers) - 1} & set(range(len(layers)))):
+        points[f"llm_layer_{index}"] = layers[index]
+    return points
+
+
+def batch_invariance(device: Device, size: int = 8) -> list[dict]:
+    """Image 0 scored alone and inside a batch of ``size``, per dtype: the score difference, and where the two runs'
+    activations part (relative L2 difference of image 0's activations at each probe point, prefill only)."""
+    rows = []
+    for dtype in (torch.float16, torch.float32):
+        model = random_model(CONFIG, dtype, device.device)
+        input_ids, pixels = _inputs(size, device.device, dtype, seed=1)
+        captured: dict[str, list[torch.Tensor]] = {}
+        hooks = []
+        for name, module in _probe_points(model).items():
+
+            def keep(module, arguments, output, name=name, captured=captured):
+                captured.setdefault(name, []).append(_first_output(output)[0].float().clone())
+
+            hooks.append(module.register_forward_hook(keep))
+        with torch.inference_mode():
+            together = model.predict_scores(input_ids, pixels).scores.float()
+            batched = {name: tensors[0] for name, tensors in captured.items()}
+            captured.clear()
+            alone = torch.cat(
+                [model.predict_scores(input_ids[i : i + 1], pixels[i : i + 1]).scores.float() for i in range(size)]
+            )
+            single = {name: tensors[0] for name, tensors in captured.items()}
+        for hook in hooks:
+            hook.remove()
+        rows.append(
+            {
+                "batch": size,
+                "dtype": str(dtype).removeprefix("torch."),
+                "max_score_difference": float((together - alone).abs().max()),
+                "score_range": _range(together),
+                "relative_activation_difference": {
+                    name: float((batched[name] - single[name]).norm() / single[name].norm()) for name in batched
+                },
+            }
         )
-    del model
-    return {"batch": size, "dtype": "float16", "max_score_difference": float((together - alone).abs().max())}
+        logger.info("batch_invariance %s", rows[-1])
+        del model
+    return rows
+
+
+def _kernels(device: Device) -> list[str]:
+    from qscorer.model.flash import is_flash_attn_available
+
+    flash = device.cuda and is_flash_attn_available()
+    return ["eager", "sdpa", *(["flash_attention_2"] if flash else [])]
+
+
+def attention(device: Device, shared: Path, batch: int) -> dict:
+    kernels = _kernels(device)
+    input_ids, pixels = _inputs(batch, device.device, torch.bfloat16, seed=2)
+    rows, scores = [], {}
+    for kernel in kernels:
+        model = random_model(CONFIG, torch.bfloat16, device.device, attn_implementation=kernel)
+        with torch.inference_mode():
+            scores[kernel] = model.predict_scores(input_ids, pixels).scores.float()
+            device.reset_peak()
+            seconds = device.timed(model.predict_scores, input_ids, pixels)
+        rows.append(
+            {
+                "kernel": kernel,
+                "batch": batch,
+                "images_per_s": round(batch / seconds, 2),
+                "peak_gib": device.peak_gib(),
+                "max_score_difference_from_eager": float((scores[kernel] - scores["eager"]).abs().max()),
+                "score_range": _range(scores[kernel]),
+            }
+        )
+        logger.info("attention %s", rows[-1])
+        del model
+    result = {"random_model_bfloat16": rows, "flash_attn_installed": "flash_attention_2" in kernels}
+    parity_dir = shared / "parity"
+    if not parity_dir.is_dir():
+        return {**result, "parity": f"skipped: {parity_dir} is absent (pass --shared)"}
+    images = [parity_dir / "images" / name for name in PARITY_IMAGES]
+    golden = json.loads((parity_dir / "golden" / "scorer_lora.json").read_text())["batch1"]
+    checkpoint = (parity_dir / "qscorer_lora", parity_dir / "base")
+    result["parity_lora"] = []
+    for dtype in ("float32", "bfloat16"):
+        for kernel in kernels:
+            scorer = Scorer(
+                *checkpoint,
+                device=str(device.device),
+                dtype=dtype,
+                attn_implementation=kernel,
+                prompt="scorer",
+                clamp=False,
+            )
+            found = [item.score for item in scorer.score(images)]
+            result["parity_lora"].append(
+                {
+                    "dtype": dtype,
+                    "kernel": kernel,
+                    "max_golden_difference": max(abs(a - golden[n]["score"]) for a, n in zip(found, PARITY_IMAGES)),
+                }
+            )
+    return result
 
 
 def serve(device: Device, shared: Path, quick: bool) -> dict:
@@ -203,8 +314,13 @@ def serve(device: Device, shared: Path, quick: bool) -> dict:
     scorer = Scorer.from_model(model, load_tokenizer(tokenizer_dir), clamp=False)
     # bf16 scores of the random 7B model move with the batch they are computed in (on 2 CPU cores: by more than 0.05
     # for 2 of 11 images between batch 1 and batch 2); fp32 equality is what the serving tests check.
-    load = Load(clients=4 if quick else 32, requests=1 if quick else 4, rounds=1, max_batch_size=2 if quick else 32,
-                tolerance=0.1)
+    load = Load(
+        clients=4 if quick else 32,
+        requests=1 if quick else 4,
+        rounds=1,
+        max_batch_size=2 if quick else 32,
+        tolerance=0.1,
+    )
     with tempfile.TemporaryDirectory() as folder:
         row = service_row(CONFIG, scorer, make_images(Path(folder), 64, (512, 512)), load)
     del scorer, model
@@ -286,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sections",
         nargs="+",
-        default=["throughput", "memory", "parity", "batch_invariance", "serve", "training_step"],
+        default=["throughput", "memory", "parity", "batch_invariance", "attention", "serve", "training_step"],
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -300,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory": lambda: memory(device, 1 if args.quick else 8),
         "parity": lambda: parity(device, args.shared),
         "batch_invariance": lambda: batch_invariance(device, 2 if args.quick else 8),
+        "attention": lambda: attention(device, args.shared, 1 if args.quick else 8),
         "serve": lambda: serve(device, args.shared, args.quick),
         "training_step": lambda: training_step(device, 1 if args.quick else 16, layers),
     }
