@@ -7,13 +7,7 @@ import logging
 import os
 
 from ..errors import QScorerError
-from .options import (
-    add_model_arguments,
-    add_scoring_arguments,
-    build_scorer,
-    scorer_options,
-    share_cpu_with_workers,
-)
+from .options import add_model_arguments, add_scoring_arguments, build_scorer, scorer_options
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +69,6 @@ def _run_with_torch(args, with_prob: bool) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
-        share_cpu_with_workers(args.num_workers, device)
         scorer = build_scorer(args, device=device)
         return infer_metas(
             scorer, args.meta_paths, args.root_dir, args.save_dir, with_prob=with_prob, retry_failed=args.retry_failed
