@@ -125,16 +125,10 @@ class BatchScorer:
     def __call__(self, batch: dict):
         import torch
 
-        from .scoring import ImageScore
-
-        pixels = batch[PIXELS]
-        errors = batch[ERROR] if ERROR in batch else [None] * len(pixels)
-        results = [ImageScore(image="", error=None if error is None else str(error)) for error in errors]
-        good = [row for row, result in enumerate(results) if result.error is None]
-        if good:
-            prediction = self.scorer.predict(torch.from_numpy(np.asarray(pixels)[good]))
-            for position, row in enumerate(good):
-                results[row] = self.scorer.image_score("", prediction, position)
+        pixels = np.asarray(batch[PIXELS])
+        errors = [None if error is None else str(error) for error in batch.get(ERROR, [None] * len(pixels))]
+        good = [row for row, error in enumerate(errors) if error is None]
+        results = self.scorer.batch_results([""] * len(errors), torch.from_numpy(pixels[good]), errors)
         kept = {key: values for key, values in batch.items() if key not in (PIXELS, ERROR)}
         return _arrow_table(kept, score_columns(results, self.with_prob))
 
