@@ -223,6 +223,7 @@ def score_dataset(
     check_pool(num_actors, num_gpus_per_actor, num_cpus_per_actor, batch_size)
     if not num_gpus_per_actor and scorer_options.get("device", "auto") == "auto":
         scorer_options["device"] = "cpu"
+    locations = tuple(None if path is None else str(path) for path in (model_path, model_base, preprocessor_path))
     decoded = dataset.map_batches(
         decode_batch,
         fn_kwargs=dict(image_column=image_column, root_dir=root_dir, name_column=name_column),
@@ -236,7 +237,7 @@ def score_dataset(
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=Warning)
         return decoded.map_batches(
             BatchScorer,
-            fn_constructor_args=tuple(_optional_str(path) for path in (model_path, model_base, preprocessor_path)),
+            fn_constructor_args=locations,
             fn_constructor_kwargs=dict(with_prob=with_prob, **scorer_options),
             batch_size=batch_size,
             batch_format="numpy",
@@ -246,7 +247,3 @@ def score_dataset(
             max_restarts=max_restarts,
             max_task_retries=max_task_retries,
         )
-
-
-def _optional_str(path) -> str | None:
-    return None if path is None else str(path)

@@ -44,13 +44,10 @@ def run(args) -> int:
         "--num-actors": args.num_actors,
         "--num-gpus-per-actor": args.num_gpus_per_actor,
     }
-    if args.engine == "ray":
-        failed = _run_on_ray(args, with_prob)
-    elif any(value is not None for value in ray_flags.values()):
-        given = [flag for flag, value in ray_flags.items() if value is not None]
+    given = [flag for flag, value in ray_flags.items() if value is not None]
+    if given and args.engine != "ray":
         raise QScorerError(f"{', '.join(given)} only apply with --engine ray")
-    else:
-        failed = _run_with_torch(args, with_prob)
+    failed = (_run_on_ray if args.engine == "ray" else _run_with_torch)(args, with_prob)
     if failed:
         logger.error("%d record(s) failed (see their 'error' field)", failed)
     return 2 if failed else 0
