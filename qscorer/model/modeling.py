@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .abstractor import MplugOwlVisualAbstractorModel, MplugOwlVisualAbstractorMultiHeadAttention
-from .attention import attend  # noqa: F401
+from .attention import run_layer
 from .configuration import SCORE_RANGE, MPLUGOwl2Config
 from .constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .errors import QScorerError  # noqa: F401
@@ -216,10 +216,7 @@ class MPLUGOwl2LlamaModel(nn.Module):
                 all_hidden.append(hidden)
             past = past_key_values[index] if past_key_values else None
             arguments = (hidden, modality_indicators, rotary, attention_mask, additive_mask, past)
-            if self.gradient_checkpointing and self.training:
-                hidden, present = self._gradient_checkpointing_func(layer.__call__, *arguments)
-            else:
-                hidden, present = layer(*arguments)
+            hidden, present = run_layer(self, layer, *arguments)
             if use_cache:
                 presents.append(present)
         hidden = self.norm(hidden)
