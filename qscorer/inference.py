@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .data.records import finite_number, read_json_records
@@ -146,28 +145,13 @@ class MetaInference:
         pending = pending[self.rank :: self.world_size]
         if not pending:
             return 0
-        from .scoring import ImageScore, ImageSourceDataset, collate_sources
-
-        loader = DataLoader(
-            ImageSourceDataset([self.image_path(record) for record in pending]),
-            batch_size=self.scorer.batch_size,
-            num_workers=self.scorer.num_workers,
-            collate_fn=collate_sources,
-        )
         with self.open_part() as part:
             progress = tqdm(total=len(pending), desc=self.meta_path.name, unit="img", disable=self.rank != 0)
-            for indices, pixels, errors in loader:
-                good = [index for index in indices if index not in errors]
-                prediction = self.scorer.predict(pixels) if good else None
-                lines = []
-                for index in indices:
-                    record = pending[index]
-                    if index in errors:
-                        result = ImageScore(image=record.image, error=errors[index])
-                    else:
-                        result = self.scorer.image_score(record.image, prediction, good.index(index))
-                    lines.append(self.line(record, result))
-                self.append(part, lines)
+            for indices, pixels, errors in self.scorer.loader([self.image_path(record) for record in pending]):
+                records = [pending[index] for index in indices]
+                names, batch_errors = [record.image for record in records], [errors.get(i) for i in indices]
+                results = self.scorer.batch_results(names, pixels, batch_errors)
+                self.append(part, [self.line(record, result) for record, result in zip(records, results)])
                 progress.update(len(indices))
             progress.close()
         return len(pending)
@@ -220,9 +204,7 @@ class MetaInference:
         return failed
 
 
-def infer_metas(
-    scorer, meta_paths, root_dir, save_dir, *, with_prob: bool = False, retry_failed: bool = False
-) -> int:
+def infer_metas(scorer, meta_paths, root_dir, save_dir, *, with_prob: bool = False, retry_failed: bool = False) -> int:
     """Score every meta of ``meta_paths`` into ``save_dir``; returns how many records failed.
 
     Inside an initialised ``torch.distributed`` process group each process scores its share and rank 0 merges the

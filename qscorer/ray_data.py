@@ -125,16 +125,10 @@ class BatchScorer:
     def __call__(self, batch: dict):
         import torch
 
-        from .scoring import ImageScore
-
-        pixels = batch[PIXELS]
-        errors = batch[ERROR] if ERROR in batch else [None] * len(pixels)
-        results = [ImageScore(image="", error=None if error is None else str(error)) for error in errors]
-        good = [row for row, result in enumerate(results) if result.error is None]
-        if good:
-            prediction = self.scorer.predict(torch.from_numpy(np.asarray(pixels)[good]))
-            for position, row in enumerate(good):
-                results[row] = self.scorer.image_score("", prediction, position)
+        pixels = np.asarray(batch[PIXELS])
+        errors = [None if error is None else str(error) for error in batch.get(ERROR, [None] * len(pixels))]
+        good = [row for row, error in enumerate(errors) if error is None]
+        results = self.scorer.batch_results([""] * len(errors), torch.from_numpy(pixels[good]), errors)
         kept = {key: values for key, values in batch.items() if key not in (PIXELS, ERROR)}
         return _arrow_table(kept, score_columns(results, self.with_prob))
 
@@ -229,6 +223,7 @@ def score_dataset(
     check_pool(num_actors, num_gpus_per_actor, num_cpus_per_actor, batch_size)
     if not num_gpus_per_actor and scorer_options.get("device", "auto") == "auto":
         scorer_options["device"] = "cpu"
+    locations = tuple(None if path is None else str(path) for path in (model_path, model_base, preprocessor_path))
     decoded = dataset.map_batches(
         decode_batch,
         fn_kwargs=dict(image_column=image_column, root_dir=root_dir, name_column=name_column),
@@ -242,7 +237,7 @@ def score_dataset(
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=Warning)
         return decoded.map_batches(
             BatchScorer,
-            fn_constructor_args=tuple(_optional_str(path) for path in (model_path, model_base, preprocessor_path)),
+            fn_constructor_args=locations,
             fn_constructor_kwargs=dict(with_prob=with_prob, **scorer_options),
             batch_size=batch_size,
             batch_format="numpy",
@@ -252,7 +247,3 @@ def score_dataset(
             max_restarts=max_restarts,
             max_task_retries=max_task_retries,
         )
-
-
-def _optional_str(path) -> str | None:
-    return None if path is None else str(path)

@@ -26,7 +26,6 @@ from .model.configuration import SCORE_RANGE
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ImageScore:
     """One image's result; ``error`` is set (and the rest None) when the image could not be read or scored."""
@@ -177,23 +176,30 @@ class Scorer:
         are still scored.
         """
         sources = _as_list(images)
-        loader = DataLoader(
-            ImageSourceDataset(sources),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate_sources,
-        )
         results: list[ImageScore | None] = [None] * len(sources)
-        for indices, pixels, errors in tqdm(loader, desc="scoring", unit="batch", disable=not progress):
-            for index, error in errors.items():
+        for indices, pixels, errors in tqdm(self.loader(sources), desc="scoring", unit="batch", disable=not progress):
+            for error in errors.values():
                 logger.error("%s", error)
-                results[index] = ImageScore(image=source_name(sources[index], index), error=error)
-            good = [index for index in indices if index not in errors]
-            if not good:
-                continue
+            names = [source_name(sources[index], index) for index in indices]
+            for index, result in zip(indices, self.batch_results(names, pixels, [errors.get(i) for i in indices])):
+                results[index] = result
+        return results
+
+    def loader(self, sources: Sequence) -> DataLoader:
+        """Batches ``(indices, pixels of the readable images, {index: error})`` of paths, PIL images or pixel
+        tensors, decoded in ``num_workers`` DataLoader workers."""
+        dataset = ImageSourceDataset(sources)
+        return DataLoader(dataset, self.batch_size, num_workers=self.num_workers, collate_fn=collate_sources)
+
+    def batch_results(self, names: Sequence[str], pixels: torch.Tensor | None, errors: Sequence) -> list[ImageScore]:
+        """The ``ImageScore`` of each image of a batch: one whose ``errors`` entry is set fails with it, the others
+        (``pixels``, in order) are scored together."""
+        results = [ImageScore(image=name, error=error) for name, error in zip(names, errors)]
+        good = [row for row, error in enumerate(errors) if error is None]
+        if good:
             prediction = self.predict(pixels)
-            for row, index in enumerate(good):
-                results[index] = self.image_score(source_name(sources[index], index), prediction, row)
+            for position, row in enumerate(good):
+                results[row] = self.image_score(names[row], prediction, position)
         return results
 
     def image_score(self, name: str, prediction, row: int) -> ImageScore:
@@ -207,8 +213,10 @@ class Scorer:
         probs = prediction.score_token_probs[row].tolist()
         non_finite = _first_non_finite(score, logits, probs)
         if non_finite is not None:
-            return ImageScore(image=name, error=f"{name}: the model gave a non-finite {non_finite}; check the "
-                                                "checkpoint and the dtype")
+            return ImageScore(
+                image=name,
+                error=f"{name}: the model gave a non-finite {non_finite}; check the checkpoint and the dtype",
+            )
         if self.clamp:
             score = min(max(score, SCORE_RANGE[0]), SCORE_RANGE[1])
         return ImageScore(
@@ -221,9 +229,12 @@ class Scorer:
 
 
 def _first_non_finite(score: float, logits: list[float], probs: list[float]) -> str | None:
-    """"<what> (<value>)" for the first NaN or infinite number of a result, or None when all are finite."""
-    named = [("score", score), *(("score-token logit", value) for value in logits),
-             *(("score-token probability", value) for value in probs)]
+    """ "<what> (<value>)" for the first NaN or infinite number of a result, or None when all are finite."""
+    named = [
+        ("score", score),
+        *(("score-token logit", value) for value in logits),
+        *(("score-token probability", value) for value in probs),
+    ]
     return next((f"{what} ({value})" for what, value in named if not math.isfinite(value)), None)
 
 

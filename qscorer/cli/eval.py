@@ -21,7 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pred_paths",
         "--pred-paths",
-        dest="pred_paths",
         nargs="+",
         required=True,
         metavar="PRED",
@@ -30,7 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gt_paths",
         "--gt-paths",
-        dest="gt_paths",
         nargs="+",
         required=True,
         metavar="GT",
@@ -49,7 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plots.add_argument(
         "--plot-dir",
         "--plots-dir",
-        dest="plot_dir",
         type=Path,
         metavar="DIR",
         help="folder for one scatter plot PNG per dataset (default: <out stem>_plots next to --out; no plots without "

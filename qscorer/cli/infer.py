@@ -7,13 +7,7 @@ import logging
 import os
 
 from ..errors import QScorerError
-from .options import (
-    add_model_arguments,
-    add_scoring_arguments,
-    build_scorer,
-    scorer_options,
-    share_cpu_with_workers,
-)
+from .options import add_model_arguments, add_scoring_arguments, build_scorer, scorer_options
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +44,10 @@ def run(args) -> int:
         "--num-actors": args.num_actors,
         "--num-gpus-per-actor": args.num_gpus_per_actor,
     }
-    if args.engine == "ray":
-        failed = _run_on_ray(args, with_prob)
-    elif any(value is not None for value in ray_flags.values()):
-        given = [flag for flag, value in ray_flags.items() if value is not None]
+    given = [flag for flag, value in ray_flags.items() if value is not None]
+    if given and args.engine != "ray":
         raise QScorerError(f"{', '.join(given)} only apply with --engine ray")
-    else:
-        failed = _run_with_torch(args, with_prob)
+    failed = (_run_on_ray if args.engine == "ray" else _run_with_torch)(args, with_prob)
     if failed:
         logger.error("%d record(s) failed (see their 'error' field)", failed)
     return 2 if failed else 0
@@ -75,7 +66,6 @@ def _run_with_torch(args, with_prob: bool) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
-        share_cpu_with_workers(args.num_workers, device)
         scorer = build_scorer(args, device=device)
         return infer_metas(
             scorer, args.meta_paths, args.root_dir, args.save_dir, with_prob=with_prob, retry_failed=args.retry_failed

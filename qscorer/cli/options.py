@@ -89,10 +89,13 @@ def scorer_options(args: argparse.Namespace, **overrides) -> dict:
 
 
 def build_scorer(args: argparse.Namespace, **overrides):
-    """A :class:`~qscorer.scoring.Scorer` from the model and scoring options; ``overrides`` replace any keyword."""
+    """A :class:`~qscorer.scoring.Scorer` from the model and scoring options (``overrides`` replace any keyword),
+    after :func:`share_cpu_with_workers`."""
     from ..scoring import Scorer
 
-    return Scorer(args.model_path, args.model_base, args.preprocessor_path, **scorer_options(args, **overrides))
+    options = scorer_options(args, **overrides)
+    share_cpu_with_workers(options["num_workers"], options["device"])
+    return Scorer(args.model_path, args.model_base, args.preprocessor_path, **options)
 
 
 def share_cpu_with_workers(num_workers: int, device: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..constants import SCORE_TOKENS_REPORT_ORDER
 from ..errors import QScorerError
-from .options import add_model_arguments, add_scoring_arguments, build_scorer, share_cpu_with_workers
+from .options import add_model_arguments, add_scoring_arguments, build_scorer
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -29,9 +29,7 @@ def run(args) -> int:
     paths = expand_image_arguments([*args.images, *args.img_path])
     if not paths:
         raise QScorerError("no images given: pass files, folders or globs")
-    share_cpu_with_workers(args.num_workers, args.device)
-    scorer = build_scorer(args)
-    results = scorer.score(paths, progress=len(paths) > args.batch_size)
+    results = build_scorer(args).score(paths, progress=len(paths) > args.batch_size)
     write_results(results, args.format, sys.stdout)
     failed = [result for result in results if result.error]
     for result in failed:

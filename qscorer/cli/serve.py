@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .options import (
-    add_model_arguments,
-    add_scoring_arguments,
-    build_scorer,
-    model_options,
-    share_cpu_with_workers,
-)
+from .options import add_model_arguments, add_scoring_arguments, build_scorer, model_options
 
 API_KEY_VARIABLE = "QSCORER_API_KEY"
 
@@ -66,7 +60,6 @@ def run(args) -> int:
         decode_threads=args.num_workers,
     )
     sock = listen(args.host, args.port)
-    share_cpu_with_workers(args.num_workers, args.device)
     scorer = build_scorer(args)
     model_info = {
         "model_path": args.model_path,

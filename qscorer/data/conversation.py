@@ -9,8 +9,7 @@
   up to the answer prefix, i.e. the context a fine-tuned model was trained to emit the score token after.
 
 :func:`scoring_prompt_ids` gives the ids of the scoring prompts; :func:`qscorer.data.datasets.preprocess` those of
-training records. This module is shipped with the remote-code model: it imports only the standard library,
-``..constants`` / ``..errors`` and ``.tokenization`` (shipped too).
+training records.
 """
 
 from __future__ import annotations

@@ -266,35 +266,45 @@ def _is_detailed(photo: np.ndarray, box: tuple[int, int, int, int]) -> bool:
     return _detail(photo[box[1] : box[3], box[0] : box[2]]) >= MIN_CROP_DETAIL
 
 
-def _place_test_crops(
-    photos: dict[str, np.ndarray], count: int, image_size: int, rng: np.random.Generator
-) -> list[SourceCrop]:
-    """Up to ``count`` disjoint test crops, round-robin over the photos, each in a free corner of its photo.
-
-    Corners, and a cap of :data:`TEST_AREA_FRACTION` of each photo's area, leave room for train crops; a photo with
-    no acceptable crop in :data:`PLACEMENT_TRIES` tries gets no more test crops.
-    """
+def _place_crops(photos: dict[str, np.ndarray], count: int, rng: np.random.Generator, try_box) -> list[SourceCrop]:
+    """Up to ``count`` crops, round-robin over the photos in a random order; ``try_box(name, crops)`` makes one try
+    at a box in photo ``name`` (None: rejected), and a photo with no box in :data:`PLACEMENT_TRIES` tries is dropped."""
     crops: list[SourceCrop] = []
     active = [str(name) for name in rng.permutation(sorted(photos))]
     while len(crops) < count and active:
         for name in list(active):
             if len(crops) == count:
                 break
-            photo = photos[name]
-            height, width = photo.shape[:2]
-            taken = [crop.box for crop in crops if crop.source == name]
-            budget = TEST_AREA_FRACTION * height * width - sum((b[2] - b[0]) * (b[3] - b[1]) for b in taken)
             for _ in range(PLACEMENT_TRIES):
-                side = _sample_side(photo, image_size, rng)
-                left = 0 if rng.random() < 0.5 else width - side
-                top = 0 if rng.random() < 0.5 else height - side
-                box = (left, top, left + side, top + side)
-                if side * side <= budget and not _overlaps(box, taken) and _is_detailed(photo, box):
+                box = try_box(name, crops)
+                if box is not None:
                     crops.append(SourceCrop(name, box))
                     break
             else:
                 active.remove(name)
     return crops
+
+
+def _place_test_crops(
+    photos: dict[str, np.ndarray], count: int, image_size: int, rng: np.random.Generator
+) -> list[SourceCrop]:
+    """Up to ``count`` disjoint test crops, each in a free corner of its photo (:func:`_place_crops`).
+
+    Corners, and a cap of :data:`TEST_AREA_FRACTION` of each photo's area, leave room for train crops.
+    """
+
+    def try_box(name: str, crops: list[SourceCrop]):
+        photo = photos[name]
+        height, width = photo.shape[:2]
+        taken = [crop.box for crop in crops if crop.source == name]
+        budget = TEST_AREA_FRACTION * height * width - sum((b[2] - b[0]) * (b[3] - b[1]) for b in taken)
+        side = _sample_side(photo, image_size, rng)
+        left = 0 if rng.random() < 0.5 else width - side
+        top = 0 if rng.random() < 0.5 else height - side
+        box = (left, top, left + side, top + side)
+        return box if side * side <= budget and not _overlaps(box, taken) and _is_detailed(photo, box) else None
+
+    return _place_crops(photos, count, rng, try_box)
 
 
 def _place_train_crops(
@@ -304,33 +314,23 @@ def _place_train_crops(
     rng: np.random.Generator,
     test_crops: list[SourceCrop],
 ) -> list[SourceCrop]:
-    """``count`` train crops (or fewer if no photo has room), round-robin over the photos, anywhere outside the test
-    crops; they may overlap each other. A photo with no acceptable crop in :data:`PLACEMENT_TRIES` tries is dropped."""
-    crops: list[SourceCrop] = []
-    active = [str(name) for name in rng.permutation(sorted(photos))]
-    while len(crops) < count and active:
-        for name in list(active):
-            if len(crops) == count:
-                break
-            photo = photos[name]
-            height, width = photo.shape[:2]
-            avoid = [crop.box for crop in test_crops if crop.source == name]
-            for _ in range(PLACEMENT_TRIES):
-                side = _sample_side(photo, image_size, rng)
-                free = np.ones((height - side + 1, width - side + 1), dtype=bool)  # allowed (top, left) corners
-                for left, top, right, bottom in avoid:
-                    free[max(top - side + 1, 0) : bottom, max(left - side + 1, 0) : right] = False
-                candidates = np.flatnonzero(free)
-                if candidates.size == 0:
-                    continue
-                top, left = divmod(int(candidates[rng.integers(candidates.size)]), free.shape[1])
-                box = (left, top, left + side, top + side)
-                if _is_detailed(photo, box):
-                    crops.append(SourceCrop(name, box))
-                    break
-            else:
-                active.remove(name)
-    return crops
+    """``count`` train crops (or fewer if no photo has room), anywhere outside the test crops (:func:`_place_crops`);
+    they may overlap each other."""
+
+    def try_box(name: str, crops: list[SourceCrop]):
+        photo = photos[name]
+        side = _sample_side(photo, image_size, rng)
+        free = np.ones((photo.shape[0] - side + 1, photo.shape[1] - side + 1), dtype=bool)  # allowed (top, left)
+        for left, top, right, bottom in (crop.box for crop in test_crops if crop.source == name):
+            free[max(top - side + 1, 0) : bottom, max(left - side + 1, 0) : right] = False
+        candidates = np.flatnonzero(free)
+        if candidates.size == 0:
+            return None
+        top, left = divmod(int(candidates[rng.integers(candidates.size)]), free.shape[1])
+        box = (left, top, left + side, top + side)
+        return box if _is_detailed(photo, box) else None
+
+    return _place_crops(photos, count, rng, try_box)
 
 
 def load_source_photos(names: tuple[str, ...] = SOURCE_PHOTOS) -> dict[str, np.ndarray]:

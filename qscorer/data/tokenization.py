@@ -9,9 +9,6 @@ object is still what :func:`load_tokenizer` returns: ``len()``, ``decode``, ``co
 ``save_pretrained`` and ``pad_token_id`` are its own. Encode prompts with :func:`encode_text` /
 :func:`tokenizer_image_token`, not with ``tokenizer(text)``, whose ids depend on the transformers version; save with
 :func:`save_tokenizer` to get a folder every transformers version (and the original code) can load.
-
-This module is shipped with the remote-code model: it imports only the standard library, sentencepiece, torch,
-transformers and ``..constants`` / ``..errors``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from .attention import attend
+from .attention import attend, run_layer
 from .configuration import MplugOwlVisualAbstractorConfig
 
 _LAYER_NORM_DEFAULT_EPS = 1e-5
@@ -172,10 +172,7 @@ class MplugOwlVisualAbstractorEncoder(nn.Module):
 
     def forward(self, queries: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                queries = self._gradient_checkpointing_func(layer.__call__, queries, image_features)
-            else:
-                queries = layer(queries, image_features)
+            queries = run_layer(self, layer, queries, image_features)
         return queries
 
 

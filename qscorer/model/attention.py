@@ -44,3 +44,10 @@ def attend(
     else:
         probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, value)
+
+
+def run_layer(stack: torch.nn.Module, layer: torch.nn.Module, *inputs):
+    """``layer(*inputs)``, through ``stack``'s gradient checkpointing when that is enabled and ``stack`` is training."""
+    if stack.gradient_checkpointing and stack.training:
+        return stack._gradient_checkpointing_func(layer.__call__, *inputs)
+    return layer(*inputs)

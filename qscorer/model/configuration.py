@@ -39,6 +39,16 @@ ranking loss between the halves (Thurstone fidelity with ``continuous_rating_los
 ``use_fix_std``, else predicted ones, detached with ``detach_pred_std``; ``rank_score_source`` "tokens" (expected
 level) or "head")."""
 
+TRAINING_FIELDS = (
+    *OBJECTIVE_DEFAULTS,
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "tune_visual_abstractor",
+    "freeze_vision_model",
+    "visual_abstractor_lr",
+)
+"""The config fields that training writes (keyword arguments of :class:`MPLUGOwl2Config`, None when not given)."""
+
 
 class MplugOwlVisionConfig(PretrainedConfig):
     """ViT-L/14 vision encoder at 448 px (1024 patches + CLS).
@@ -161,23 +171,6 @@ class MPLUGOwl2Config(PretrainedConfig):
         score_token_id: list[int] | None = None,
         score_tokens: list[str] | None = None,
         deepmlp_hidden_dims: list[int] | None = None,
-        weight_desp: float | None = None,
-        weight_next_token: float | None = None,
-        weight_rank: float | None = None,
-        weight_soft_kl: float | None = None,
-        weight_in_level: float | None = None,
-        soft_kl_closed_set: bool | None = None,
-        continuous_rating_loss: bool | None = None,
-        binary_rating_loss: str | None = None,
-        closeset_rating_loss: bool | None = None,
-        use_fix_std: bool | None = None,
-        detach_pred_std: bool | None = None,
-        rank_score_source: str | None = None,
-        image_aspect_ratio: str | None = None,
-        image_grid_pinpoints: list | None = None,
-        tune_visual_abstractor: bool | None = None,
-        freeze_vision_model: bool | None = None,
-        visual_abstractor_lr: float | None = None,
         **kwargs: Any,
     ):
         self.vocab_size = vocab_size
@@ -208,23 +201,8 @@ class MPLUGOwl2Config(PretrainedConfig):
         self.deepmlp_hidden_dims = list(
             DEFAULT_DEEPMLP_HIDDEN_DIMS if deepmlp_hidden_dims is None else deepmlp_hidden_dims
         )
-        self.weight_desp = weight_desp
-        self.weight_next_token = weight_next_token
-        self.weight_rank = weight_rank
-        self.weight_soft_kl = weight_soft_kl
-        self.weight_in_level = weight_in_level
-        self.soft_kl_closed_set = soft_kl_closed_set
-        self.continuous_rating_loss = continuous_rating_loss
-        self.binary_rating_loss = binary_rating_loss
-        self.closeset_rating_loss = closeset_rating_loss
-        self.use_fix_std = use_fix_std
-        self.detach_pred_std = detach_pred_std
-        self.rank_score_source = rank_score_source
-        self.image_aspect_ratio = image_aspect_ratio
-        self.image_grid_pinpoints = image_grid_pinpoints
-        self.tune_visual_abstractor = tune_visual_abstractor
-        self.freeze_vision_model = freeze_vision_model
-        self.visual_abstractor_lr = visual_abstractor_lr
+        for name in TRAINING_FIELDS:
+            setattr(self, name, kwargs.pop(name, None))
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

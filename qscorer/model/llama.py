@@ -177,23 +177,11 @@ class MPLUGOwl2DecoderLayer(nn.Module):
         self.input_layernorm = MultiwayNetwork(lambda: MPLUGOwl2RMSNorm(width, eps))
         self.post_attention_layernorm = MultiwayNetwork(lambda: MPLUGOwl2RMSNorm(width, eps))
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        modality_indicators: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        additive_mask: torch.Tensor | None,
-        past_key_value: KeyValue | None = None,
-    ) -> tuple[torch.Tensor, KeyValue]:
-        attention_output, present = self.self_attn(
-            self.input_layernorm(hidden, modality_indicators),
-            modality_indicators,
-            rotary,
-            attention_mask,
-            additive_mask,
-            past_key_value,
-        )
+    def forward(self, hidden: torch.Tensor, modality_indicators: torch.Tensor, *attention_inputs):
+        """``attention_inputs``: the rest of :meth:`MPLUGOwl2Attention.forward`'s arguments (rotary, the two masks,
+        the past key / value); returns the new hidden states and this layer's (key, value)."""
+        normed = self.input_layernorm(hidden, modality_indicators)
+        attention_output, present = self.self_attn(normed, modality_indicators, *attention_inputs)
         hidden = hidden + attention_output
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden, modality_indicators))
         return hidden, present

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .abstractor import MplugOwlVisualAbstractorModel, MplugOwlVisualAbstractorMultiHeadAttention
-from .attention import attend  # noqa: F401
+from .attention import run_layer
 from .configuration import SCORE_RANGE, MPLUGOwl2Config
 from .constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .errors import QScorerError  # noqa: F401
@@ -216,10 +216,7 @@ class MPLUGOwl2LlamaModel(nn.Module):
                 all_hidden.append(hidden)
             past = past_key_values[index] if past_key_values else None
             arguments = (hidden, modality_indicators, rotary, attention_mask, additive_mask, past)
-            if self.gradient_checkpointing and self.training:
-                hidden, present = self._gradient_checkpointing_func(layer.__call__, *arguments)
-            else:
-                hidden, present = layer(*arguments)
+            hidden, present = run_layer(self, layer, *arguments)
             if use_cache:
                 presents.append(present)
         hidden = self.norm(hidden)
@@ -430,76 +427,20 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
         input_type: str | None = None,
         task_types: Sequence[str] | None = None,
     ):
-        """``input_type=None``: ``forward_mlp``. ``input_type="single"``: the task-type dispatcher."""
-        batch = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-            images=images,
-            gt_scores=gt_scores,
-            logits_to_keep=logits_to_keep,
-        )
-        if input_type is None:
-            return self.forward_mlp(**batch)
-        if input_type == "single":
-            return self.forward_task_types(task_types, **batch)
-        raise ValueError(f"unknown input_type {input_type!r}: expected None or 'single'")
-
-    def forward_task_types(self, task_types: Sequence[str] | None, **batch) -> QScorerTaskOutput:
-        """Training dispatcher: loss = weight_desp * loss("description" rows) + weight_next_token * loss("score" rows),
-        the weights from the config (:meth:`MPLUGOwl2Config.objective`).
-
-        Each part is the full ``forward_mlp`` loss of its rows. A task type absent from this process's batch simply
-        contributes nothing here. (The original all-gathered the counts and dropped a task type on EVERY rank when
-        any rank had none of it, and padded smaller subsets by repeating samples; it also required CUDA and a
-        process group. Gradient averaging across ranks needs neither.)
-        """
-        if task_types is None:
-            raise ValueError("input_type='single' needs task_types (one per row)")
-        total, losses, score_rows, score_output = None, {}, None, None
-        for task, rows, subset in task_subsets(task_types, batch):
-            output = self.forward_mlp(**subset)
-            losses[task] = output.loss
-            weighted = self.config.objective(TASK_WEIGHTS[task]) * output.loss
-            total = weighted if total is None else total + weighted
-            if task == "score":
-                score_rows, score_output = rows, output
-        return QScorerTaskOutput(
-            loss=total,
-            loss_description=losses.get("description"),
-            loss_score=losses.get("score"),
-            score_rows=score_rows,
-            score_output=score_output,
-        )
-
-    def forward_mlp(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Sequence[KeyValue] | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        images=None,
-        gt_scores: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
-    ):
         """Causal-LM forward over text with spliced images; with ``labels``, loss = CE + score loss.
+        ``input_type="single"``: the task-type dispatcher over ``task_types`` (:meth:`forward_task_types`), which
+        takes the :data:`TASK_INPUTS` only.
 
         ``logits_to_keep`` > 0 computes logits for the last positions only (not with ``labels``). With
         ``past_key_values``, ``attention_mask`` (if any) covers the cached and the new tokens.
         ``return_dict=False`` returns ``to_tuple()`` of the same output (the loss keeps its score term, unlike the
         original's tuple path).
         """
+        if input_type == "single":
+            inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, images=images)
+            return self.forward_task_types(task_types, **inputs, gt_scores=gt_scores)
+        if input_type is not None:
+            raise ValueError(f"unknown input_type {input_type!r}: expected None or 'single'")
         if output_attentions:
             raise ValueError("output_attentions is not supported")
         if use_cache is None:
@@ -536,6 +477,38 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
             **losses,
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def forward_task_types(self, task_types: Sequence[str] | None, **batch) -> QScorerTaskOutput:
+        """Training dispatcher: loss = weight_desp * loss("description" rows) + weight_next_token * loss("score" rows),
+        the weights from the config (:meth:`MPLUGOwl2Config.objective`).
+
+        Each part is the full ``forward_mlp`` loss of its rows. A task type absent from this process's batch simply
+        contributes nothing here. (The original all-gathered the counts and dropped a task type on EVERY rank when
+        any rank had none of it, and padded smaller subsets by repeating samples; it also required CUDA and a
+        process group. Gradient averaging across ranks needs neither.)
+        """
+        if task_types is None:
+            raise ValueError("input_type='single' needs task_types (one per row)")
+        total, losses, score_rows, score_output = None, {}, None, None
+        for task, rows, subset in task_subsets(task_types, batch):
+            output = self.forward_mlp(**subset)
+            losses[task] = output.loss
+            weighted = self.config.objective(TASK_WEIGHTS[task]) * output.loss
+            total = weighted if total is None else total + weighted
+            if task == "score":
+                score_rows, score_output = rows, output
+        return QScorerTaskOutput(
+            loss=total,
+            loss_description=losses.get("description"),
+            loss_score=losses.get("score"),
+            score_rows=score_rows,
+            score_output=score_output,
+        )
+
+    def forward_mlp(self, *args, **kwargs):
+        """:meth:`forward` without ``input_type`` (the original's name), called as the class's function so that
+        wrappers installed on ``forward`` run once, around the whole step."""
+        return MPLUGOwl2LlamaForCausalLM.forward(self, *args, **kwargs)
 
     def _losses(
         self, logits: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor, gt_scores: torch.Tensor | None

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from .attention import attend
+from .attention import attend, run_layer
 from .configuration import MplugOwlVisionConfig
 
 
@@ -111,10 +111,7 @@ class MplugOwlVisionEncoder(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                hidden = self._gradient_checkpointing_func(layer.__call__, hidden)
-            else:
-                hidden = layer(hidden)
+            hidden = run_layer(self, layer, hidden)
         return hidden
 
 

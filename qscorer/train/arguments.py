@@ -235,12 +235,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def arguments_from_namespace(namespace: argparse.Namespace):
     """``(model_args, data_args, training_args)`` of a namespace parsed with :func:`add_flags`, validated."""
-    try:
-        parsed = argument_parser().parse_dict(vars(namespace), allow_extra_keys=True)
-    except ValueError as error:
-        raise QScorerError(f"invalid training flags: {error}") from None
-    validate_arguments(*parsed)
-    return parsed
+    return _validated(lambda parser: parser.parse_dict(vars(namespace), allow_extra_keys=True))
 
 
 def parse_arguments(argv: Sequence[str]):
@@ -249,8 +244,13 @@ def parse_arguments(argv: Sequence[str]):
     Unknown flags and bad values exit with argparse's usage message (status 2); invalid combinations raise
     :class:`QScorerError`.
     """
+    return _validated(lambda parser: parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False))
+
+
+def _validated(parse):
+    """``parse(argument_parser())``, a ValueError as a :class:`QScorerError`, then :func:`validate_arguments`."""
     try:
-        parsed = argument_parser().parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)
+        parsed = parse(argument_parser())
     except ValueError as error:
         raise QScorerError(f"invalid training flags: {error}") from None
     validate_arguments(*parsed)

@@ -16,11 +16,12 @@ SOFT_LABEL_TOLERANCE = 1e-3
 
 
 class _SoftLabels:
-    """Adds ``level_probs`` (five probabilities, excellent first) from a record field to every item."""
+    """Adds ``level_probs`` (five probabilities, excellent first) from the record field ``level_probs_field`` to
+    every item; the field of every score record is checked when the dataset is built."""
 
-    level_probs_field = "level_probs"
-
-    def _check_soft_labels(self) -> None:
+    def __init__(self, *args, level_probs_field: str = "level_probs", **options):
+        super().__init__(*args, **options)
+        self.level_probs_field = level_probs_field
         for record in self.records:
             if record.task_type != "score":
                 continue
@@ -47,19 +48,9 @@ class _SoftLabels:
 class SoftLabelSingleDataset(_SoftLabels, SingleDataset):
     """A :class:`SingleDataset` whose items carry ``level_probs``."""
 
-    def __init__(self, *args, level_probs_field: str = "level_probs", **options):
-        super().__init__(*args, **options)
-        self.level_probs_field = level_probs_field
-        self._check_soft_labels()
-
 
 class SoftLabelPairDataset(_SoftLabels, PairDataset):
     """A :class:`PairDataset` whose two items carry ``level_probs``."""
-
-    def __init__(self, *args, level_probs_field: str = "level_probs", **options):
-        super().__init__(*args, **options)
-        self.level_probs_field = level_probs_field
-        self._check_soft_labels()
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,10 @@
 """The training objective of a batch, computed from the model's outputs (the Trainer's ``compute_loss``).
 
-Every batch goes through the model's task-type dispatcher (``input_type="single"``): ``weight_desp`` x the loss of
-description records + ``weight_next_token`` x the loss of score records, each loss being CE + the score head's
-squared error. On top of it, read at the position that predicts the score token of each score record:
-``weight_soft_kl`` x the KL from the soft label to the score-token distribution and ``weight_in_level`` x DeQA's
-in-level loss. Pair batches (``input_type="pair"``, qscorer's working version of the original's dead pair path)
-add ``weight_rank`` x a ranking loss between their two halves, whose scores are the expected value of the
-score-token distribution at the score position (or the head's output).
-
-The weights and options are the model config's (``MPLUGOwl2Config.objective``), which training writes from the
-flags: they are declared in one place, ``qscorer.model.configuration.OBJECTIVE_DEFAULTS``.
+Every batch goes through the model's task-type dispatcher (``input_type="single"``); the terms read at the positions
+that predict the score tokens (soft-label KL, in-level loss) and, for pair batches (``input_type="pair"``,
+qscorer's working version of the original's dead pair path), the ranking loss between the two halves are added on
+top. What each term is, its weight and its options: ``qscorer.model.configuration.OBJECTIVE_DEFAULTS``, read through
+``MPLUGOwl2Config.objective`` (training writes them into the config from the flags).
 """
 
 from __future__ import annotations
