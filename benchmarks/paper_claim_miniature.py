@@ -1,25 +1,25 @@
-"""The paper's claim in miniature: a score token + regression head (Q-Scorer) against level-word answers scored by
-the expected level (the Q-Align-style baseline the paper argues against), trained from scratch on CPU with the
-same model, data, steps and optimizer. Prints JSON (held-out SRCC / PLCC / KRCC / RMSE per arm, minutes).
+"""The paper's claim in miniature, with seeds: a score token + regression head (Q-Scorer) against level-word answers
+scored by their expected level (the Q-Align-style baseline the paper argues against). Prints JSON: held-out SRCC /
+PLCC / KRCC / RMSE per arm and seed, and each arm's mean and standard deviation.
 
-    python benchmarks/paper_claim_miniature.py [--steps 800] [--work-dir DIR] > miniature.json
+    python benchmarks/paper_claim_miniature.py [--seeds 0 1 2] [--work-dir DIR] > miniature.json
 
-Both arms start from the same randomly initialised tiny mPLUG-Owl2 (``qscorer.demo.tiny_config``: LLM 128 wide,
-vision and abstractor 64 wide, 2 layers each, 28-px patches, width-scaled init) with the demo tokenizer, are
-trained in full (no LoRA; vision encoder and abstractor trainable) on the synthetic IQA set of ``qscorer synth``
-and evaluated on its held-out test split (no overlapping content):
+Both arms fine-tune the same pretrained base, the one ``qscorer demo`` starts from (``qscorer/assets/demo_base``:
+a tiny mPLUG-Owl2 whose vision encoder was pretrained to describe distortions on other photos), with the demo's
+recipe and budget (``qscorer.demo.training_arguments``: LLM, abstractor, new tokens and head trained, the
+pretrained encoder frozen, the same epochs, batch and learning rate), on the demo's data (``qscorer synth``, 112 px,
+blur / JPEG / noise / pixelation of the six photos the base never saw), and are scored on its held-out crops:
 
 - ``qscorer``: answers "The quality of the image is <scoreN>."; loss CE + squared error of the head at the position
   predicting the score token; score = the head's output at the token the model appends after "is".
-- ``level_tokens``: answers "The quality of the image is good." (metas/train_levels.json); loss CE only; score =
+- ``level_words``: answers "The quality of the image is good." (metas/train_levels.json); loss CE only; score =
   sum over the five level words of softmax(their logits after "is") x (1..5).
 
-Each arm is read out after two prompts: the original's batch-evaluation prompt (``eval_prompt``, the published
-numbers' prompt, which differs from the training prompt) and the training prompt's prefix (``training_prompt``).
-The head's output bias starts at 3 (``--head-bias``; ``--no-head-bias`` keeps the original's 0): training clamps the
-head's output to [0, 5], and a head whose outputs all fall below 0 early on never gets a gradient again.
-
-This is a smoke-scale illustration, not a reproduction: a tiny model trained for minutes on synthetic distortions.
+Each run is read out after the prompt it was trained at (the training template's prefix, as ``qscorer demo``
+scores) and after the original's batch-evaluation prompt. Seeds change the new rows' and the head's
+initialisation and the data order; the data are the same for every run. The base's LLM was never trained, so the
+level words carry no prior meaning here; this is a smoke-scale illustration on synthetic distortions, not a
+reproduction.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -35,9 +36,9 @@ from pathlib import Path
 
 import torch
 
+from qscorer.cli import main as cli_main
 from qscorer.constants import DEFAULT_IMAGE_TOKEN, LEVEL_WORDS, SCORE_TOKENS
 from qscorer.data import (
-    build_demo_tokenizer,
     build_training_prompt,
     encode_text,
     load_tokenizer,
@@ -47,18 +48,16 @@ from qscorer.data import (
     tokenizer_image_token,
 )
 from qscorer.data.conversation import ANSWER_PREFIX, SCORING_QUESTION
-from qscorer.data.demo_tokenizer import DEMO_VOCAB_SIZE
-from qscorer.data.synthetic import build_synthetic_iqa
-from qscorer.demo import tiny_config
+from qscorer.demo import DEMO_EPOCHS, DEMO_NUM_TEST, DEMO_NUM_TRAIN, synth_arguments, training_arguments
+from qscorer.demo_base import SHIPPED_BASE
 from qscorer.evaluation import compute_metrics
 from qscorer.model.image_processing import load_image
 from qscorer.train.arguments import parse_arguments
-from qscorer.train.setup import write_base_model
 from qscorer.train.train import train
 
 logger = logging.getLogger("paper_claim_miniature")
 
-ARMS = {"qscorer": "train.json", "level_tokens": "train_levels.json"}
+ARMS = {"qscorer": "train.json", "level_words": "train_levels.json"}
 
 
 def level_word_ids(tokenizer) -> list[int]:
@@ -97,7 +96,7 @@ def predict(arm: str, model, tokenizer, prompt: torch.Tensor, image_paths, batch
     the head was trained at.
 
     ``qscorer``: the head's output (not clamped) at the token the model appends after "is" (``predict_scores``).
-    ``level_tokens``: sum over the five level words of softmax(their logits after "is") x (1..5).
+    ``level_words``: sum over the five level words of softmax(their logits after "is") x (1..5).
     """
     level_ids = torch.tensor(level_word_ids(tokenizer))
     values = torch.arange(1, 6, dtype=torch.float32)
@@ -122,34 +121,24 @@ def _token_before_score_token(tokenizer) -> int:
     return encode_text(f"{ANSWER_PREFIX} {SCORE_TOKENS[2]}", tokenizer, add_bos=False)[len(prefix)]
 
 
-def run_arm(name: str, base: Path, data: Path, output: Path, options: argparse.Namespace) -> dict:
-    argv = [
-        "--model_name_or_path", str(base), "--version", "v1", "--lora_enable", "False",
-        "--data_paths", str(data / "metas" / ARMS[name]), "--image_folder", str(data), "--image_aspect_ratio", "pad",
-        "--output_dir", str(output), "--max_steps", str(options.steps),
-        "--per_device_train_batch_size", str(options.batch_size), "--learning_rate", str(options.learning_rate),
-        "--weight_decay", "0.0", "--warmup_ratio" if _has_warmup_ratio() else "--warmup_steps", "0.03",
-        "--lr_scheduler_type", "cosine", "--logging_steps", str(max(1, options.steps // 20)),
-        "--save_strategy", "no", "--report_to", "none",
-        "--tune_visual_abstractor", "True", "--freeze_vision_model", "False", "--weight_next_token", "1.0",
-        "--model_max_length", "512", "--dataloader_num_workers", "0", "--seed", str(options.seed),
-    ]
-    cpu_start, wall_start = time.process_time(), time.perf_counter()
+def run_arm(name: str, data: Path, output: Path, seed: int, epochs: float) -> dict:
+    """Fine-tune the shipped base on one arm's answers with the demo's recipe; held-out metrics per prompt."""
+    argv = training_arguments(SHIPPED_BASE, data, output, epochs=epochs, seed=seed)[1:]
+    argv[argv.index("--data_paths") + 1] = str(data / "metas" / ARMS[name])
+    wall_start = time.perf_counter()
     run = train(*parse_arguments(argv))
-    train_cpu, train_wall = time.process_time() - cpu_start, time.perf_counter() - wall_start
+    result = {
+        "seed": seed,
+        "train_seconds": round(time.perf_counter() - wall_start, 1),
+        "logged_losses": run.losses[:1] + run.losses[-1:],
+    }
     model = run.model.eval()
     test = json.loads((data / "metas" / "test.json").read_text())
     paths = [data / record["image"] for record in test]
     truth = [record["gt_score"] for record in test]
-    result = {
-        "train_cpu_minutes": round(train_cpu / 60, 2),
-        "train_wall_minutes": round(train_wall / 60, 2),
-        "first_logged_loss": run.losses[0],
-        "last_logged_loss": run.losses[-1],
-    }
     for prompt_name, prompt in readout_prompts(run.tokenizer).items():
-        predictions, on_trained_token = predict(name, model, run.tokenizer, prompt, paths, options.batch_size)
-        metrics = compute_metrics(predictions, truth, name=f"{name} ({prompt_name} prompt)")
+        predictions, on_trained_token = predict(name, model, run.tokenizer, prompt, paths, batch_size=16)
+        metrics = compute_metrics(predictions, truth, name=f"{name} seed {seed} ({prompt_name} prompt)")
         result[f"{prompt_name}_prompt"] = {
             **{key: metrics[key] for key in ("SRCC", "PLCC", "KRCC", "RMSE", "n")},
             "prediction_range": [min(predictions), max(predictions)],
@@ -158,31 +147,31 @@ def run_arm(name: str, base: Path, data: Path, output: Path, options: argparse.N
     return result
 
 
-def _has_warmup_ratio() -> bool:
-    import dataclasses
-
-    import transformers
-
-    return "warmup_ratio" in {field.name for field in dataclasses.fields(transformers.TrainingArguments)}
+def summary(runs: list[dict]) -> dict:
+    """Mean and standard deviation (n - 1) over seeds of each prompt's SRCC and PLCC."""
+    table = {}
+    for prompt in ("training_prompt", "eval_prompt"):
+        for metric in ("SRCC", "PLCC"):
+            values = [run[prompt][metric] for run in runs]
+            table[f"{prompt}_{metric}"] = {"mean": statistics.fmean(values), "std": statistics.stdev(values)}
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=800, help="optimizer steps per arm (default 800)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--num-train", type=int, default=800)
-    parser.add_argument("--num-test", type=int, default=200)
-    parser.add_argument("--image-size", type=int, default=128, help="synthetic image side before the 448 resize")
-    parser.add_argument("--llm-width", type=int, default=128)
-    parser.add_argument("--visual-width", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--head-bias", type=float, default=3.0,
-                        help="initial bias of the head's output layer (default 3, mid-scale)")
-    parser.add_argument("--no-head-bias", dest="head_bias", action="store_const", const=None,
-                        help="keep the original head init (N(0, 0.02) weights, zero bias)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per arm (default 0 1 2)"
+    )
+    parser.add_argument(
+        "--epochs", type=float, default=DEMO_EPOCHS, help=f"epochs per run (default {DEMO_EPOCHS}, the demo's)"
+    )
+    parser.add_argument("--num-train", type=int, default=DEMO_NUM_TRAIN)
+    parser.add_argument("--num-test", type=int, default=DEMO_NUM_TEST)
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0, the demo's)")
     parser.add_argument("--work-dir", type=Path, help="keep data and models here (default: a temporary folder)")
     options = parser.parse_args(argv)
+    if len(options.seeds) < 2:
+        parser.error("give at least two seeds (the report has standard deviations)")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     report_stream = sys.stdout
@@ -191,26 +180,28 @@ def main(argv: list[str] | None = None) -> int:
         work = options.work_dir or Path(scratch)
         data = work / "synthetic"
         if not (data / "dataset.json").is_file():
-            build_synthetic_iqa(data, num_train=options.num_train, num_test=options.num_test,
-                                image_size=options.image_size, seed=options.seed, progress=False)
-        tokenizer_dir = build_demo_tokenizer(work / "tokenizer")
-        level_word_ids(load_tokenizer(tokenizer_dir))
-        config = tiny_config(DEMO_VOCAB_SIZE, llm_width=options.llm_width, visual_width=options.visual_width,
-                             patch_size=28)
-        base = write_base_model(work / "base", config, tokenizer_dir, seed=options.seed, head_start=options.head_bias)
-        results = {name: run_arm(name, base, data, work / name, options) for name in ARMS}
+            cli_main(
+                synth_arguments(data, num_train=options.num_train, num_test=options.num_test, seed=options.data_seed)
+            )
+        level_word_ids(load_tokenizer(SHIPPED_BASE))
+        runs = {
+            name: [run_arm(name, data, work / f"{name}_seed{seed}", seed, options.epochs) for seed in options.seeds]
+            for name in ARMS
+        }
 
+    means = {name: summary(arm_runs) for name, arm_runs in runs.items()}
     report = {
         "benchmark": "paper_claim_miniature",
         "claim": "a score token + regression head ranks quality better than the expected level of level-word tokens",
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
         "settings": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(options).items()},
-        "arms": results,
-        "srcc_difference_eval_prompt": results["qscorer"]["eval_prompt"]["SRCC"]
-        - results["level_tokens"]["eval_prompt"]["SRCC"],
-        "plcc_difference_eval_prompt": results["qscorer"]["eval_prompt"]["PLCC"]
-        - results["level_tokens"]["eval_prompt"]["PLCC"],
+        "summary": means,
+        "srcc_difference_training_prompt": means["qscorer"]["training_prompt_SRCC"]["mean"]
+        - means["level_words"]["training_prompt_SRCC"]["mean"],
+        "plcc_difference_training_prompt": means["qscorer"]["training_prompt_PLCC"]["mean"]
+        - means["level_words"]["training_prompt_PLCC"]["mean"],
+        "runs": runs,
     }
     print(json.dumps(report, indent=2), file=report_stream)
     return 0

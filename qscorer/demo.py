@@ -35,10 +35,22 @@ def synth_arguments(data: Path, *, num_train: int, num_test: int, seed: int) -> 
     ]  # fmt: skip
 
 
+DEMO_NUM_TRAIN, DEMO_NUM_TEST, DEMO_EPOCHS = 400, 100, 12.0
+"""The demo's default data sizes and training epochs."""
+
 DEMO_PROMPT = "training"
 """The prompt the demo scores with: the fine-tuning template's prefix, the context the head was trained at."""
 
-__all__ = ["DEMO_PROMPT", "run_demo", "synth_arguments", "tiny_config", "training_arguments"]
+__all__ = [
+    "DEMO_EPOCHS",
+    "DEMO_NUM_TEST",
+    "DEMO_NUM_TRAIN",
+    "DEMO_PROMPT",
+    "run_demo",
+    "synth_arguments",
+    "tiny_config",
+    "training_arguments",
+]
 
 
 def training_arguments(base: Path, data: Path, output: Path, *, epochs: float, seed: int) -> list[str]:
@@ -85,8 +97,9 @@ def inference_arguments(checkpoint: Path, data: Path, results: Path, *, prompt: 
     ]  # fmt: skip
 
 
-def run_demo(out_dir: str | Path, *, num_train: int, num_test: int, epochs: float, seed: int,
-             base: str | Path = SHIPPED_BASE) -> dict:
+def run_demo(
+    out_dir: str | Path, *, num_train: int, num_test: int, epochs: float, seed: int, base: str | Path = SHIPPED_BASE
+) -> dict:
     """Run the four steps into ``out_dir``; returns the evaluation metrics, the step timings and the output paths."""
     from .cli import main
 

@@ -10,10 +10,12 @@ from ..errors import QScorerError
 
 
 def add_arguments(parser) -> None:
+    from ..demo import DEMO_EPOCHS, DEMO_NUM_TEST, DEMO_NUM_TRAIN
+
     parser.add_argument("--out", default="demo_out", help="output folder (replaced if it holds a previous demo)")
-    parser.add_argument("--num-train", type=int, default=400)
-    parser.add_argument("--num-test", type=int, default=100)
-    parser.add_argument("--epochs", type=float, default=12.0)
+    parser.add_argument("--num-train", type=int, default=DEMO_NUM_TRAIN)
+    parser.add_argument("--num-test", type=int, default=DEMO_NUM_TEST)
+    parser.add_argument("--epochs", type=float, default=DEMO_EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", default=None, help="base model folder to fine-tune (default: the shipped tiny base)")
 
@@ -32,8 +34,9 @@ def run(args) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / "demo.json").write_text(json.dumps({"status": "running"}, allow_nan=False) + "\n")
-    summary = run_demo(out, num_train=args.num_train, num_test=args.num_test, epochs=args.epochs, seed=args.seed,
-                       base=base)
+    summary = run_demo(
+        out, num_train=args.num_train, num_test=args.num_test, epochs=args.epochs, seed=args.seed, base=base
+    )
     (out / "demo.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     metrics = summary["metrics"]
     print(
@@ -46,8 +49,10 @@ def run(args) -> int:
     print(f"  predictions:     {summary['predictions']}")
     print(f"  scatter plot:    {summary['plot']}")
     print(f"  checkpoint:      {summary['checkpoint']}")
-    print(f"  score an image:  qscorer score --model-path {summary['checkpoint']} --prompt {summary['prompt']} "
-          "fig/sample.jpg")
+    print(
+        f"  score an image:  qscorer score --model-path {summary['checkpoint']} --prompt {summary['prompt']} "
+        "fig/sample.jpg"
+    )
     return 0
 
 
