@@ -22,6 +22,7 @@ its sibling modules ``constants``, ``errors`` and ``resample``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -151,22 +152,13 @@ def image_from_array(array: np.ndarray, name: str = "image array") -> Image.Imag
     return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
 
 
+@functools.cache
 def _normalisation_table() -> np.ndarray:
     """[3, 256] float32: ((v * 1/255 in float64 -> float32) - mean) / std in float32, as transformers computes it."""
     scaled = (np.arange(256, dtype=np.float64) * RESCALE_FACTOR).astype(np.float32)
     mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None]
     std = np.asarray(CLIP_STD, dtype=np.float32)[:, None]
     return (scaled[None, :] - mean) / std
-
-
-_TABLE: np.ndarray | None = None
-
-
-def _table() -> np.ndarray:
-    global _TABLE
-    if _TABLE is None:
-        _TABLE = _normalisation_table()
-    return _TABLE
 
 
 def shortest_edge_size(size: tuple[int, int], edge: int = IMAGE_SIZE) -> tuple[int, int]:
@@ -234,7 +226,7 @@ def pixel_values(image: Image.Image, image_aspect_ratio: str = "pad") -> np.ndar
     except Exception as error:
         raise UnreadableImageError(f"cannot read a {description}: {type(error).__name__}: {error}") from error
     pixels = resized_crop(image, image_aspect_ratio)
-    table = _table()
+    table = _normalisation_table()
     return np.stack([table[channel][pixels[:, :, channel]] for channel in range(3)])
 
 
