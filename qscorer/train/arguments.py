@@ -17,6 +17,7 @@ from pathlib import Path
 
 import transformers
 
+from ..data.conversation import TRAINING_VERSIONS
 from ..errors import QScorerError
 from ..model.configuration import OBJECTIVE_DEFAULTS
 
@@ -27,8 +28,6 @@ BINARY_RATING_KINDS = ("bce", "fidelity")
 LORA_BIAS_KINDS = ("none", "all", "lora_only")
 QUANT_TYPES = ("nf4", "fp4")
 RANK_SCORE_SOURCES = ("tokens", "head")
-TRAINING_VERSIONS = ("v1", "vicuna_v1")
-"""Conversation versions whose template the training data pipeline implements (train_lora.sh uses v1)."""
 
 
 _PARENT_FIELDS = {parent_field.name for parent_field in fields(transformers.TrainingArguments)}
