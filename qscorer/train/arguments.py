@@ -23,13 +23,6 @@ from ..model.configuration import OBJECTIVE_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
-DATASET_TYPES = ("single", "pair")
-BINARY_RATING_KINDS = ("bce", "fidelity")
-LORA_BIAS_KINDS = ("none", "all", "lora_only")
-QUANT_TYPES = ("nf4", "fp4")
-RANK_SCORE_SOURCES = ("tokens", "head")
-
-
 _PARENT_FIELDS = {parent_field.name for parent_field in fields(transformers.TrainingArguments)}
 
 
@@ -65,7 +58,7 @@ class DataArguments:
 
     dataset_type: str = field(
         default="single", metadata=_help("single: score / description records; pair: pairs for the ranking loss",
-                                         choices=list(DATASET_TYPES))
+                                         choices=["single", "pair"])
     )
     data_paths: list[str] = field(default_factory=list, metadata=_help("training meta files (JSON list or lines)"))
     data_weights: list[int] = field(
@@ -134,7 +127,7 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     binary_rating_loss: str = field(
         default=OBJECTIVE_DEFAULTS["binary_rating_loss"],
-        metadata=_help("binary ranking loss kind", choices=list(BINARY_RATING_KINDS)),
+        metadata=_help("binary ranking loss kind", choices=["bce", "fidelity"]),
     )
     closeset_rating_loss: bool = field(
         default=OBJECTIVE_DEFAULTS["closeset_rating_loss"],
@@ -152,7 +145,7 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=512, metadata=_help("longest sequence, image rows included"))
     double_quant: bool = field(default=True, metadata=_help("accepted for compatibility (QLoRA only)"))
     quant_type: str = field(default="nf4", metadata=_help("accepted for compatibility (QLoRA only)",
-                                                          choices=list(QUANT_TYPES)))
+                                                          choices=["nf4", "fp4"]))
     bits: int = field(default=16, metadata=_help("weight bits; only 16 (4 / 8 = QLoRA is not implemented)"))
     lora_enable: bool = field(default=False, metadata=_help("train LoRA adapters instead of the full model"))
     lora_r: int = field(default=128, metadata=_help("LoRA rank"))
@@ -161,7 +154,7 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_weight_path: str = field(
         default="", metadata=_help("a LoRA checkpoint folder to start from (adapter + non-LoRA weights)")
     )
-    lora_bias: str = field(default="none", metadata=_help("LoRA bias mode", choices=list(LORA_BIAS_KINDS)))
+    lora_bias: str = field(default="none", metadata=_help("LoRA bias mode", choices=["none", "all", "lora_only"]))
     visual_abstractor_lr: float | None = field(
         default=None, metadata=_help("learning rate of the abstractor (needs --tune_visual_abstractor True)")
     )
@@ -186,7 +179,7 @@ class TrainingArguments(transformers.TrainingArguments):
     rank_score_source: str = field(
         default=OBJECTIVE_DEFAULTS["rank_score_source"],
         metadata=_help("(qscorer) the ranking loss compares the expected score of the score-token distribution "
-                       "(tokens) or the regression head's output (head)", choices=list(RANK_SCORE_SOURCES)),
+                       "(tokens) or the regression head's output (head)", choices=["tokens", "head"]),
     )
 
     def __post_init__(self):
@@ -216,12 +209,9 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
-
-
 def argument_parser() -> transformers.HfArgumentParser:
     """The HfArgumentParser of the three dataclasses."""
-    return transformers.HfArgumentParser(ARGUMENT_CLASSES)
+    return transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
