@@ -112,10 +112,8 @@ def resolve_attn_implementation(requested: str | None, device: torch.device) -> 
     """The attention kernel: sdpa by default; flash_attention_2 only when flash-attn is installed and on CUDA."""
     from .model.flash import is_flash_attn_available
 
-    if requested in (None, "sdpa"):
-        return "sdpa"
-    if requested == "eager":
-        return "eager"
+    if requested in (None, "sdpa", "eager"):
+        return requested or "sdpa"
     if requested == "flash_attention_2":
         if device.type == "cuda" and is_flash_attn_available():
             return requested
