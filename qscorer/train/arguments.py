@@ -265,16 +265,6 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
             f"--version {model_args.version!r} has no training template here; use one of {list(TRAINING_VERSIONS)} "
             "(train_lora.sh uses v1; the original's default v0 is not a Q-Scorer template)"
         )
-    problems += _data_problems(data_args)
-    problems += _training_problems(training_args)
-    if problems:
-        raise QScorerError("; ".join(problems))
-    if data_args.dataset_type == "single" and training_args.weight_rank != 1.0:
-        logger.warning("--weight_rank has no effect with --dataset_type single")
-
-
-def _data_problems(data_args: DataArguments) -> list[str]:
-    problems = []
     if not data_args.data_paths:
         problems.append("--data_paths is empty: give at least one training meta file")
     if data_args.data_weights and len(data_args.data_weights) != len(data_args.data_paths):
@@ -289,42 +279,42 @@ def _data_problems(data_args: DataArguments) -> list[str]:
     problems += [f"--data_paths: {path} is not a file" for path in data_args.data_paths if not os.path.isfile(path)]
     if data_args.image_folder is not None and not Path(data_args.image_folder).is_dir():
         problems.append(f"--image_folder {data_args.image_folder} is not a folder")
-    return problems
-
-
-def _training_problems(args: TrainingArguments) -> list[str]:
-    problems = []
-    if args.bits != 16:
+    if training_args.bits != 16:
         problems.append(
-            f"--bits {args.bits}: QLoRA (bitsandbytes 4 / 8-bit base weights) is not implemented in qscorer; use "
-            "--bits 16 (train_lora.sh does)"
+            f"--bits {training_args.bits}: QLoRA (bitsandbytes 4 / 8-bit base weights) is not implemented in qscorer; "
+            "use --bits 16 (train_lora.sh does)"
         )
-    if args.fp16 and not _cuda_available():
+    if training_args.fp16 and not _cuda_available():
         problems.append("--fp16 True needs a CUDA GPU; on CPU use --bf16 True --use_cpu True or full precision")
-    if args.lora_enable and (args.lora_r < 1 or args.lora_alpha <= 0):
-        problems.append(f"--lora_r {args.lora_r} / --lora_alpha {args.lora_alpha} must be positive")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        problems.append(f"--lora_dropout {args.lora_dropout} must be in [0, 1)")
-    if args.lora_weight_path:
-        if not args.lora_enable:
+    if training_args.lora_enable and (training_args.lora_r < 1 or training_args.lora_alpha <= 0):
+        problems.append(f"--lora_r {training_args.lora_r} / --lora_alpha {training_args.lora_alpha} must be positive")
+    if not 0.0 <= training_args.lora_dropout < 1.0:
+        problems.append(f"--lora_dropout {training_args.lora_dropout} must be in [0, 1)")
+    if training_args.lora_weight_path:
+        if not training_args.lora_enable:
             problems.append("--lora_weight_path needs --lora_enable True")
-        elif not (Path(args.lora_weight_path) / "adapter_config.json").is_file():
-            problems.append(f"--lora_weight_path {args.lora_weight_path} is not a LoRA checkpoint folder "
+        elif not (Path(training_args.lora_weight_path) / "adapter_config.json").is_file():
+            problems.append(f"--lora_weight_path {training_args.lora_weight_path} is not a LoRA checkpoint folder "
                             "(no adapter_config.json)")
-    if args.visual_abstractor_lr is not None and not args.tune_visual_abstractor:
+    if training_args.visual_abstractor_lr is not None and not training_args.tune_visual_abstractor:
         problems.append("--visual_abstractor_lr is set but the abstractor is frozen: add --tune_visual_abstractor True")
-    if args.visual_abstractor_lr is not None and args.visual_abstractor_lr <= 0:
-        problems.append(f"--visual_abstractor_lr {args.visual_abstractor_lr} must be positive")
+    if training_args.visual_abstractor_lr is not None and training_args.visual_abstractor_lr <= 0:
+        problems.append(f"--visual_abstractor_lr {training_args.visual_abstractor_lr} must be positive")
     weights = {
-        "--weight_desp": args.weight_desp,
-        "--weight_next_token": args.weight_next_token,
-        "--weight_rank": args.weight_rank,
-        "--weight_soft_kl": args.weight_soft_kl,
-        "--weight_in_level": args.weight_in_level or 0.0,
+        "--weight_desp": training_args.weight_desp,
+        "--weight_next_token": training_args.weight_next_token,
+        "--weight_rank": training_args.weight_rank,
+        "--weight_soft_kl": training_args.weight_soft_kl,
+        "--weight_in_level": training_args.weight_in_level or 0.0,
     }
     problems += [f"{name} {value} must be >= 0" for name, value in weights.items() if value < 0]
-    if args.remove_unused_columns:
+    if training_args.remove_unused_columns:
         problems.append("--remove_unused_columns True would drop the images and score targets: leave it False")
-    if args.model_max_length < 128:
-        problems.append(f"--model_max_length {args.model_max_length} is too short: an image alone takes 65 rows")
-    return problems
+    if training_args.model_max_length < 128:
+        problems.append(
+            f"--model_max_length {training_args.model_max_length} is too short: an image alone takes 65 rows"
+        )
+    if problems:
+        raise QScorerError("; ".join(problems))
+    if data_args.dataset_type == "single" and training_args.weight_rank != 1.0:
+        logger.warning("--weight_rank has no effect with --dataset_type single")
