@@ -144,9 +144,6 @@ class WeightSources:
     def where(self, name: str) -> Path:
         return self.location[name][0].path
 
-    def bytes_read(self) -> dict[str, int]:
-        return {str(file.path): file.bytes_read for file in self.files}
-
 
 @dataclass
 class LoraAdapter:
@@ -393,7 +390,7 @@ def build_model(
         unexpected_keys=unexpected,
         lora_modules=sorted(adapter.pairs) if adapter is not None else [],
         quantization=quantization,
-        bytes_read=sources.bytes_read(),
+        bytes_read={str(file.path): file.bytes_read for file in sources.files},
     )
     return model
 
