@@ -110,7 +110,14 @@ def load_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None)
     name = str(source) if name is None else name
     try:
         with Image.open(source) as image:
-            check_pixel_limit(image.size, name)
+            width, height = image.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and width * height > limit:
+                raise UnreadableImageError(
+                    f"image {name} has {width} x {height} = {width * height} pixels, more than PIL's "
+                    f"decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS = {limit}; it is refused (raise that limit "
+                    "to read it)"
+                )
             image.load()
             return to_rgb(image).copy()
     except UnreadableImageError:
@@ -125,17 +132,6 @@ def load_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None)
         # Decoders raise many kinds of errors on damaged or hostile files (OSError, SyntaxError, struct.error,
         # IndexError, MemoryError, ...): every one of them means this file cannot be read.
         raise UnreadableImageError(f"cannot read image {name}: {type(error).__name__}: {error}") from error
-
-
-def check_pixel_limit(size: tuple[int, int], name: str) -> None:
-    """Refuse an image of ``size`` = (width, height) above ``PIL.Image.MAX_IMAGE_PIXELS`` (read at each call)."""
-    limit = Image.MAX_IMAGE_PIXELS
-    width, height = size
-    if limit is not None and width * height > limit:
-        raise UnreadableImageError(
-            f"image {name} has {width} x {height} = {width * height} pixels, more than PIL's decompression-bomb "
-            f"limit PIL.Image.MAX_IMAGE_PIXELS = {limit}; it is refused (raise that limit to read it)"
-        )
 
 
 def image_from_array(array: np.ndarray, name: str = "image array") -> Image.Image:
