@@ -139,10 +139,6 @@ def checkpoint_key(peft_name: str) -> str:
     return name
 
 
-def is_lora_name(name: str) -> bool:
-    return "lora_" in name
-
-
 def lora_module_and_part(key: str) -> tuple[str, str] | None:
     """``(module name in the model, "A" or "B")`` of a LoRA tensor name, or None for another tensor."""
     match = _LORA_KEY.match(model_key(key))

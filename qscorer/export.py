@@ -34,14 +34,10 @@ AUTO_MAP = {
 }
 
 
-def remote_code_files() -> list[Path]:
-    """The model package's module files that a merged folder ships."""
-    return sorted(path for path in MODEL_PACKAGE.glob("*.py") if path.name != "__init__.py")
-
-
 def write_remote_code(output_dir: str | Path) -> list[Path]:
-    """Copy the model package's modules into ``output_dir``; returns the written paths."""
-    return [Path(shutil.copy2(path, Path(output_dir) / path.name)) for path in remote_code_files()]
+    """Copy the model package's modules (all but its ``__init__``) into ``output_dir``; returns the written paths."""
+    modules = sorted(path for path in MODEL_PACKAGE.glob("*.py") if path.name != "__init__.py")
+    return [Path(shutil.copy2(path, Path(output_dir) / path.name)) for path in modules]
 
 
 MODEL_CARD = """---

@@ -59,12 +59,9 @@ def load_test_records(meta_path: str | os.PathLike) -> list[TestRecord]:
             raise QScorerError(f"{where}: id {record_id!r} repeats record {seen[record_id]}")
         seen[record_id] = index
         gt_score = raw.get("gt_score")
-        if gt_score is not None:
-            number = finite_number(gt_score)
-            if number is None:
-                raise QScorerError(f"{where}: gt_score {gt_score!r} is not a finite number")
-            gt_score = number
-        records.append(TestRecord(index, record_id, image, gt_score))
+        if gt_score is not None and finite_number(gt_score) is None:
+            raise QScorerError(f"{where}: gt_score {gt_score!r} is not a finite number")
+        records.append(TestRecord(index, record_id, image, finite_number(gt_score)))
     return records
 
 
@@ -104,9 +101,6 @@ class MetaInference:
         self.with_prob = with_prob
         self.rank, self.world_size = rank, world_size
 
-    def part_file(self, rank: int) -> Path:
-        return self.output.with_name(f".{self.output.name}.part{rank}")
-
     def _part_files(self) -> list[Path]:
         return sorted(self.output.parent.glob(f".{self.output.name}.part*"))
 
@@ -138,7 +132,7 @@ class MetaInference:
     def open_part(self) -> TextIO:
         """This process's part file, opened for appending (:meth:`append`)."""
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        return open(self.part_file(self.rank), "a", encoding="utf-8")
+        return open(self.output.with_name(f".{self.output.name}.part{self.rank}"), "a", encoding="utf-8")
 
     def run(self, pending: list[TestRecord]) -> int:
         """Score this process's share (every world_size-th) of ``pending``; returns how many it scored."""

@@ -112,10 +112,8 @@ def resolve_attn_implementation(requested: str | None, device: torch.device) -> 
     """The attention kernel: sdpa by default; flash_attention_2 only when flash-attn is installed and on CUDA."""
     from .model.flash import is_flash_attn_available
 
-    if requested in (None, "sdpa"):
-        return "sdpa"
-    if requested == "eager":
-        return "eager"
+    if requested in (None, "sdpa", "eager"):
+        return requested or "sdpa"
     if requested == "flash_attention_2":
         if device.type == "cuda" and is_flash_attn_available():
             return requested
@@ -145,9 +143,6 @@ class WeightSources:
 
     def where(self, name: str) -> Path:
         return self.location[name][0].path
-
-    def bytes_read(self) -> dict[str, int]:
-        return {str(file.path): file.bytes_read for file in self.files}
 
 
 @dataclass
@@ -395,7 +390,7 @@ def build_model(
         unexpected_keys=unexpected,
         lora_modules=sorted(adapter.pairs) if adapter is not None else [],
         quantization=quantization,
-        bytes_read=sources.bytes_read(),
+        bytes_read={str(file.path): file.bytes_read for file in sources.files},
     )
     return model
 

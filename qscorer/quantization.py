@@ -17,7 +17,6 @@ from torch import nn
 
 from .errors import QScorerError
 
-MODES = ("8bit", "4bit")
 INT8_THRESHOLD = 6.0
 """LLM.int8() outlier threshold (transformers' default for ``load_in_8bit``, which the original used)."""
 QUANTIZED_PREFIX = "model.layers."

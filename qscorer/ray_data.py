@@ -158,9 +158,8 @@ def image_score_from_row(row: dict, name: str):
 
     if row.get(ERROR) is not None:
         return ImageScore(image=name, error=row[ERROR])
-    probs = None
-    if PROB_PREFIX + SCORE_TOKENS_REPORT_ORDER[0] in row:
-        probs = {token: row[PROB_PREFIX + token] for token in SCORE_TOKENS_REPORT_ORDER}
+    with_prob = PROB_PREFIX + SCORE_TOKENS_REPORT_ORDER[0] in row
+    probs = {token: row[PROB_PREFIX + token] for token in SCORE_TOKENS_REPORT_ORDER} if with_prob else None
     return ImageScore(
         image=name,
         score=row[SCORE],

@@ -45,9 +45,8 @@ class ImageSourceDataset(Dataset):
     cannot be read yields its error message instead of pixels.
     """
 
-    def __init__(self, sources: Sequence, image_aspect_ratio: str = "pad"):
+    def __init__(self, sources: Sequence):
         self.sources = list(sources)
-        self.image_aspect_ratio = image_aspect_ratio
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -60,7 +59,7 @@ class ImageSourceDataset(Dataset):
             return index, source, None
         try:
             image = source if isinstance(source, Image.Image) else load_image(source)
-            return index, process_images([image], self.image_aspect_ratio)[0], None
+            return index, process_images([image])[0], None
         except QScorerError as error:
             return index, None, str(error)
 

@@ -74,18 +74,16 @@ def model_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def scorer_options(args: argparse.Namespace, **overrides) -> dict:
+def scorer_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of :class:`~qscorer.scoring.Scorer` (after the three paths) from the model and scoring
-    options; ``overrides`` replace any keyword."""
-    options = dict(
+    options."""
+    return dict(
         model_options(args),
         prompt=args.prompt,
         clamp=not args.no_clamp,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
-    options.update(overrides)
-    return options
 
 
 def build_scorer(args: argparse.Namespace, **overrides):
@@ -93,7 +91,7 @@ def build_scorer(args: argparse.Namespace, **overrides):
     after :func:`share_cpu_with_workers`."""
     from ..scoring import Scorer
 
-    options = scorer_options(args, **overrides)
+    options = {**scorer_options(args), **overrides}
     share_cpu_with_workers(options["num_workers"], options["device"])
     return Scorer(args.model_path, args.model_base, args.preprocessor_path, **options)
 

@@ -14,24 +14,24 @@ Names are imported lazily, so importing one module does not pull in the others.
 """
 
 _LAZY = {
-    "build_demo_tokenizer": "demo_tokenizer",
-    "SentencePieceTextEncoder": "tokenization",
-    "encode_text": "tokenization",
-    "load_tokenizer": "tokenization",
-    "save_tokenizer": "tokenization",
-    "score_token_ids": "tokenization",
-    "text_encoder": "tokenization",
-    "tokenizer_image_token": "tokenization",
-    "ANSWER_PREFIX": "conversation",
-    "SCORING_QUESTION": "conversation",
-    "TEMPLATES": "conversation",
-    "ConversationTemplate": "conversation",
-    "build_scoring_prompt": "conversation",
-    "build_training_prompt": "conversation",
-    "get_template": "conversation",
-    "place_images_first": "conversation",
-    "score_processor": "conversation",
-    "scoring_prompt_ids": "conversation",
+    "build_demo_tokenizer": ".demo_tokenizer",
+    "SentencePieceTextEncoder": ".tokenization",
+    "encode_text": ".tokenization",
+    "load_tokenizer": ".tokenization",
+    "save_tokenizer": ".tokenization",
+    "score_token_ids": ".tokenization",
+    "text_encoder": ".tokenization",
+    "tokenizer_image_token": ".tokenization",
+    "ANSWER_PREFIX": ".conversation",
+    "SCORING_QUESTION": ".conversation",
+    "TEMPLATES": ".conversation",
+    "ConversationTemplate": ".conversation",
+    "build_scoring_prompt": ".conversation",
+    "build_training_prompt": ".conversation",
+    "get_template": ".conversation",
+    "place_images_first": ".conversation",
+    "score_processor": ".conversation",
+    "scoring_prompt_ids": ".conversation",
     "IMAGE_SIZE": "..model.image_processing",
     "ImageProcessor": "..model.image_processing",
     "UnreadableImageError": "..model.image_processing",
@@ -40,17 +40,17 @@ _LAZY = {
     "load_image": "..model.image_processing",
     "process_images": "..model.image_processing",
     "to_rgb": "..model.image_processing",
-    "MetaRecord": "datasets",
-    "PairCollator": "datasets",
-    "PairDataset": "datasets",
-    "SingleCollator": "datasets",
-    "SingleDataset": "datasets",
-    "load_meta": "datasets",
-    "read_json_records": "records",
-    "load_metas": "datasets",
-    "load_video_frames": "datasets",
-    "mask_targets": "datasets",
-    "preprocess": "datasets",
+    "MetaRecord": ".datasets",
+    "PairCollator": ".datasets",
+    "PairDataset": ".datasets",
+    "SingleCollator": ".datasets",
+    "SingleDataset": ".datasets",
+    "load_meta": ".datasets",
+    "read_json_records": ".records",
+    "load_metas": ".datasets",
+    "load_video_frames": ".datasets",
+    "mask_targets": ".datasets",
+    "preprocess": ".datasets",
 }
 
 
@@ -58,8 +58,7 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        module = _LAZY[name]
-        return getattr(importlib.import_module(module if module.startswith(".") else f".{module}", __name__), name)
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -68,6 +68,9 @@ MPLUG_OWL2 = ConversationTemplate(name="mplug_owl2", system="")
 TEMPLATES = {"v1": V1, "vicuna_v1": V1, "mplug_owl2": MPLUG_OWL2}
 """The original's templates with this separator style ("v0"/"default" use "###" and are not reached by Q-Scorer)."""
 
+TRAINING_VERSIONS = ("v1", "vicuna_v1")
+"""Conversation versions whose template the training data pipeline implements (train_lora.sh uses v1)."""
+
 SCORING_PROMPT_KINDS = ("scorer", "eval", "training")
 
 

@@ -25,6 +25,7 @@ from ..model.image_processing import UnreadableImageError, load_image, process_i
 from .conversation import (
     GPT,
     HUMAN,
+    TRAINING_VERSIONS,
     V1,
     ConversationTemplate,
     build_training_prompt,
@@ -42,7 +43,6 @@ TASK_TYPES = (SCORE_TASK, DESCRIPTION_TASK)
 UNREADABLE_POLICIES = ("error", "skip")
 """What a dataset does with an image it cannot read: "error" stops with a QScorerError naming the file; "skip" logs
 a warning and uses the next readable record instead (deterministic). The original silently used a random record."""
-TRAINING_TEMPLATES = ("v1", "vicuna_v1")
 VIDEO_EXTENSION = ".mp4"
 
 
@@ -241,8 +241,8 @@ def load_metas(data_paths: Sequence[str | os.PathLike],
 def _training_template(template: str | ConversationTemplate) -> ConversationTemplate:
     if isinstance(template, ConversationTemplate):
         return template
-    if template not in TRAINING_TEMPLATES:
-        raise QScorerError(f"training supports the conversation versions {list(TRAINING_TEMPLATES)}, got {template!r}")
+    if template not in TRAINING_VERSIONS:
+        raise QScorerError(f"training supports the conversation versions {list(TRAINING_VERSIONS)}, got {template!r}")
     return get_template(template)
 
 

@@ -45,39 +45,27 @@ class SentencePieceTextEncoder:
     """
 
     def __init__(self, model_bytes: bytes, unk_token: str = "<unk>"):
-        self._model_bytes = model_bytes
+        import sentencepiece
+        from sentencepiece import sentencepiece_model_pb2
+
+        self.model_bytes = model_bytes
+        """The unmodified ``tokenizer.model`` file."""
         self._unk_token = unk_token
-        self._load()
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(model_bytes)
+        proto.normalizer_spec.add_dummy_prefix = False
+        self._processor = sentencepiece.SentencePieceProcessor()
+        self._processor.LoadFromSerializedProto(proto.SerializeToString())
+        self._unk_prefix_length = len(self._processor.encode(unk_token))
+        self.lone_space_id = self._processor.piece_to_id(SPIECE_UNDERLINE)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, unk_token: str = "<unk>") -> SentencePieceTextEncoder:
         return cls(Path(path).read_bytes(), unk_token)
 
-    def _load(self) -> None:
-        import sentencepiece
-        from sentencepiece import sentencepiece_model_pb2
-
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(self._model_bytes)
-        proto.normalizer_spec.add_dummy_prefix = False
-        processor = sentencepiece.SentencePieceProcessor()
-        processor.LoadFromSerializedProto(proto.SerializeToString())
-        self._processor = processor
-        self._unk_prefix_length = len(processor.encode(self._unk_token))
-        self.lone_space_id = processor.piece_to_id(SPIECE_UNDERLINE)
-
-    def __getstate__(self) -> dict:
-        return {"model_bytes": self._model_bytes, "unk_token": self._unk_token}
-
-    def __setstate__(self, state: dict) -> None:
-        self._model_bytes = state["model_bytes"]
-        self._unk_token = state["unk_token"]
-        self._load()
-
-    @property
-    def model_bytes(self) -> bytes:
-        """The unmodified ``tokenizer.model`` file."""
-        return self._model_bytes
+    def __reduce__(self):
+        # Pickled (DataLoader workers) as its constructor arguments; the processor is rebuilt from them.
+        return type(self), (self.model_bytes, self._unk_token)
 
     @property
     def vocab_size(self) -> int:
@@ -90,7 +78,8 @@ class SentencePieceTextEncoder:
         text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
         ids: list[int] = []
         second_is_special = False
-        for segment in _split_on_added_tokens(text, tuple(added_tokens)):
+        segments = _added_token_pattern(tuple(added_tokens)).split(text) if added_tokens else [text]
+        for segment in segments:
             if segment in added_tokens:
                 if len(ids) == 1:
                     second_is_special = segment in special_tokens
@@ -112,12 +101,6 @@ def _added_token_pattern(tokens: tuple[str, ...]) -> re.Pattern:
     # Longest first, so that at each position the longest added token wins (like transformers' trie).
     alternatives = "|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True))
     return re.compile(f"({alternatives})")
-
-
-def _split_on_added_tokens(text: str, tokens: tuple[str, ...]) -> list[str]:
-    if not tokens:
-        return [text]
-    return _added_token_pattern(tokens).split(text)
 
 
 def _added_tokens(tokenizer) -> tuple[dict[str, int], frozenset[str]]:
@@ -150,14 +133,19 @@ def _sentencepiece_file_of(tokenizer) -> Path:
 def text_encoder(tokenizer) -> SentencePieceTextEncoder:
     """The exact encoder attached to ``tokenizer`` (created from its ``tokenizer.model`` on first use)."""
     encoder = getattr(tokenizer, _ENCODER_ATTRIBUTE, None)
-    if encoder is None:
-        encoder = SentencePieceTextEncoder.from_file(_sentencepiece_file_of(tokenizer), str(tokenizer.unk_token))
-        if encoder.vocab_size != tokenizer.vocab_size:
-            raise QScorerError(
-                f"tokenizer {tokenizer.name_or_path!r}: its {SENTENCEPIECE_FILE} has {encoder.vocab_size} pieces "
-                f"but the tokenizer has {tokenizer.vocab_size}"
-            )
-        setattr(tokenizer, _ENCODER_ATTRIBUTE, encoder)
+    if encoder is not None:
+        return encoder
+    described = f"tokenizer {tokenizer.name_or_path!r}: its {SENTENCEPIECE_FILE}"
+    return _attach_encoder(tokenizer, _sentencepiece_file_of(tokenizer), described)
+
+
+def _attach_encoder(tokenizer, path: Path, described: str) -> SentencePieceTextEncoder:
+    """The encoder of the sentencepiece model ``path``, attached to ``tokenizer``; ``described`` names the file in
+    the error raised when its vocabulary size is not the tokenizer's."""
+    encoder = SentencePieceTextEncoder.from_file(path, str(tokenizer.unk_token))
+    if encoder.vocab_size != tokenizer.vocab_size:
+        raise QScorerError(f"{described} has {encoder.vocab_size} pieces but the tokenizer has {tokenizer.vocab_size}")
+    setattr(tokenizer, _ENCODER_ATTRIBUTE, encoder)
     return encoder
 
 
@@ -243,12 +231,7 @@ def load_tokenizer(path: str | os.PathLike, *, base_model_path: str | os.PathLik
     tokenizer.add_tokens(list(SCORE_TOKENS), special_tokens=True)
     tokenizer.pad_token = tokenizer.unk_token
     _check_llama_tokenizer(tokenizer, folder)
-    encoder = SentencePieceTextEncoder.from_file(sentencepiece_model, str(tokenizer.unk_token))
-    if encoder.vocab_size != tokenizer.vocab_size:
-        raise QScorerError(
-            f"{sentencepiece_model} has {encoder.vocab_size} pieces but the tokenizer has {tokenizer.vocab_size}"
-        )
-    setattr(tokenizer, _ENCODER_ATTRIBUTE, encoder)
+    _attach_encoder(tokenizer, sentencepiece_model, str(sentencepiece_model))
     logger.debug("loaded tokenizer from %s (sentencepiece model %s)", folder, sentencepiece_model)
     return tokenizer
 

@@ -50,78 +50,85 @@ TRAINING_FIELDS = (
 """The config fields that training writes (keyword arguments of :class:`MPLUGOwl2Config`, None when not given)."""
 
 
+VISION_DEFAULTS = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "projection_dim": 768,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_channels": 3,
+    "image_size": 448,
+    "patch_size": 14,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-6,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_factor": 1.0,
+    "use_flash_attn": False,
+}
+"""The fields of :class:`MplugOwlVisionConfig` and their defaults."""
+
+ABSTRACTOR_DEFAULTS = {
+    "num_learnable_queries": 64,
+    "hidden_size": 1024,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 16,
+    "intermediate_size": 2816,
+    "attention_probs_dropout_prob": 0.0,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-6,
+    "encoder_hidden_size": 1024,
+    "grid_size": 32,
+}
+"""The fields of :class:`MplugOwlVisualAbstractorConfig` and their defaults (a None or 0 ``grid_size`` is 32)."""
+
+LLM_DEFAULTS = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "use_cache": True,
+    "pretraining_tp": 1,
+    "rope_theta": 10000.0,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+}
+"""The LLaMA-2 fields of :class:`MPLUGOwl2Config` that are stored as given, and their defaults."""
+
+
+def _take_fields(config: PretrainedConfig, defaults: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """Set each field of ``defaults`` on ``config``: its keyword argument (popped from ``kwargs``), else the default."""
+    for name, default in defaults.items():
+        setattr(config, name, kwargs.pop(name, default))
+
+
 class MplugOwlVisionConfig(PretrainedConfig):
-    """ViT-L/14 vision encoder at 448 px (1024 patches + CLS).
+    """ViT-L/14 vision encoder at 448 px (1024 patches + CLS); fields and defaults: :data:`VISION_DEFAULTS`.
 
     ``hidden_act`` is stored for compatibility only: the encoder always uses QuickGELU, like the original.
     """
 
     model_type = "mplug_owl_vision_model"
 
-    def __init__(
-        self,
-        hidden_size: int = 1024,
-        intermediate_size: int = 4096,
-        projection_dim: int = 768,
-        num_hidden_layers: int = 24,
-        num_attention_heads: int = 16,
-        num_channels: int = 3,
-        image_size: int = 448,
-        patch_size: int = 14,
-        hidden_act: str = "quick_gelu",
-        layer_norm_eps: float = 1e-6,
-        attention_dropout: float = 0.0,
-        initializer_range: float = 0.02,
-        initializer_factor: float = 1.0,
-        use_flash_attn: bool = False,
-        **kwargs: Any,
-    ):
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.projection_dim = projection_dim
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_channels = num_channels
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.hidden_act = hidden_act
-        self.layer_norm_eps = layer_norm_eps
-        self.attention_dropout = attention_dropout
-        self.initializer_range = initializer_range
-        self.initializer_factor = initializer_factor
-        self.use_flash_attn = use_flash_attn
+    def __init__(self, **kwargs: Any):
+        _take_fields(self, VISION_DEFAULTS, kwargs)
         super().__init__(**kwargs)
 
 
 class MplugOwlVisualAbstractorConfig(PretrainedConfig):
-    """The 6-layer cross-attention abstractor that turns 1025 image tokens into 64 queries."""
+    """The 6-layer cross-attention abstractor that turns 1025 image tokens into 64 queries; fields and defaults:
+    :data:`ABSTRACTOR_DEFAULTS`."""
 
     model_type = "mplug_owl_visual_abstract"
 
-    def __init__(
-        self,
-        num_learnable_queries: int = 64,
-        hidden_size: int = 1024,
-        num_hidden_layers: int = 6,
-        num_attention_heads: int = 16,
-        intermediate_size: int = 2816,
-        attention_probs_dropout_prob: float = 0.0,
-        initializer_range: float = 0.02,
-        layer_norm_eps: float = 1e-6,
-        encoder_hidden_size: int = 1024,
-        grid_size: int | None = None,
-        **kwargs: Any,
-    ):
-        self.num_learnable_queries = num_learnable_queries
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = intermediate_size
-        self.attention_probs_dropout_prob = attention_probs_dropout_prob
-        self.initializer_range = initializer_range
-        self.layer_norm_eps = layer_norm_eps
-        self.encoder_hidden_size = encoder_hidden_size
-        self.grid_size = grid_size if grid_size else 32
+    def __init__(self, **kwargs: Any):
+        _take_fields(self, ABSTRACTOR_DEFAULTS, kwargs)
+        self.grid_size = self.grid_size or ABSTRACTOR_DEFAULTS["grid_size"]
         super().__init__(**kwargs)
 
 
@@ -147,49 +154,22 @@ class MPLUGOwl2Config(PretrainedConfig):
 
     def __init__(
         self,
-        vocab_size: int = 32000,
-        hidden_size: int = 4096,
-        intermediate_size: int = 11008,
-        num_hidden_layers: int = 32,
-        num_attention_heads: int = 32,
         num_key_value_heads: int | None = None,
-        hidden_act: str = "silu",
-        max_position_embeddings: int = 2048,
-        initializer_range: float = 0.02,
-        rms_norm_eps: float = 1e-6,
-        use_cache: bool = True,
         pad_token_id: int | None = None,
         bos_token_id: int = 1,
         eos_token_id: int = 2,
-        pretraining_tp: int = 1,
         tie_word_embeddings: bool = False,
-        rope_theta: float = 10000.0,
         rope_scaling: dict | None = None,
-        attention_bias: bool = False,
-        attention_dropout: float = 0.0,
         visual_config: dict | None = None,
         score_token_id: list[int] | None = None,
         score_tokens: list[str] | None = None,
         deepmlp_hidden_dims: list[int] | None = None,
         **kwargs: Any,
     ):
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
-        self.hidden_act = hidden_act
-        self.max_position_embeddings = max_position_embeddings
-        self.initializer_range = initializer_range
-        self.rms_norm_eps = rms_norm_eps
-        self.use_cache = use_cache
-        self.pretraining_tp = pretraining_tp
-        self.rope_theta = rope_theta
+        _take_fields(self, LLM_DEFAULTS, kwargs)
+        self.num_key_value_heads = self.num_attention_heads if num_key_value_heads is None else num_key_value_heads
         if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
             raise ValueError(f"rope_scaling={rope_scaling!r} is not supported: mPLUG-Owl2 uses plain RoPE")
-        self.attention_bias = attention_bias
-        self.attention_dropout = attention_dropout
         if visual_config is None:
             visual_config = {
                 "visual_model": MplugOwlVisionConfig().to_dict(),
@@ -201,8 +181,7 @@ class MPLUGOwl2Config(PretrainedConfig):
         self.deepmlp_hidden_dims = list(
             DEFAULT_DEEPMLP_HIDDEN_DIMS if deepmlp_hidden_dims is None else deepmlp_hidden_dims
         )
-        for name in TRAINING_FIELDS:
-            setattr(self, name, kwargs.pop(name, None))
+        _take_fields(self, dict.fromkeys(TRAINING_FIELDS), kwargs)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

@@ -22,6 +22,7 @@ its sibling modules ``constants``, ``errors`` and ``resample``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -109,7 +110,14 @@ def load_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None)
     name = str(source) if name is None else name
     try:
         with Image.open(source) as image:
-            check_pixel_limit(image.size, name)
+            width, height = image.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and width * height > limit:
+                raise UnreadableImageError(
+                    f"image {name} has {width} x {height} = {width * height} pixels, more than PIL's "
+                    f"decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS = {limit}; it is refused (raise that limit "
+                    "to read it)"
+                )
             image.load()
             return to_rgb(image).copy()
     except UnreadableImageError:
@@ -126,17 +134,6 @@ def load_image(source: str | os.PathLike | BinaryIO, *, name: str | None = None)
         raise UnreadableImageError(f"cannot read image {name}: {type(error).__name__}: {error}") from error
 
 
-def check_pixel_limit(size: tuple[int, int], name: str) -> None:
-    """Refuse an image of ``size`` = (width, height) above ``PIL.Image.MAX_IMAGE_PIXELS`` (read at each call)."""
-    limit = Image.MAX_IMAGE_PIXELS
-    width, height = size
-    if limit is not None and width * height > limit:
-        raise UnreadableImageError(
-            f"image {name} has {width} x {height} = {width * height} pixels, more than PIL's decompression-bomb "
-            f"limit PIL.Image.MAX_IMAGE_PIXELS = {limit}; it is refused (raise that limit to read it)"
-        )
-
-
 def image_from_array(array: np.ndarray, name: str = "image array") -> Image.Image:
     """The RGB image of a uint8 array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] (alpha dropped, as in
     :func:`to_rgb`); other shapes and dtypes are errors naming ``name``."""
@@ -151,22 +148,13 @@ def image_from_array(array: np.ndarray, name: str = "image array") -> Image.Imag
     return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
 
 
+@functools.cache
 def _normalisation_table() -> np.ndarray:
     """[3, 256] float32: ((v * 1/255 in float64 -> float32) - mean) / std in float32, as transformers computes it."""
     scaled = (np.arange(256, dtype=np.float64) * RESCALE_FACTOR).astype(np.float32)
     mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None]
     std = np.asarray(CLIP_STD, dtype=np.float32)[:, None]
     return (scaled[None, :] - mean) / std
-
-
-_TABLE: np.ndarray | None = None
-
-
-def _table() -> np.ndarray:
-    global _TABLE
-    if _TABLE is None:
-        _TABLE = _normalisation_table()
-    return _TABLE
 
 
 def shortest_edge_size(size: tuple[int, int], edge: int = IMAGE_SIZE) -> tuple[int, int]:
@@ -234,7 +222,7 @@ def pixel_values(image: Image.Image, image_aspect_ratio: str = "pad") -> np.ndar
     except Exception as error:
         raise UnreadableImageError(f"cannot read a {description}: {type(error).__name__}: {error}") from error
     pixels = resized_crop(image, image_aspect_ratio)
-    table = _table()
+    table = _normalisation_table()
     return np.stack([table[channel][pixels[:, :, channel]] for channel in range(3)])
 
 

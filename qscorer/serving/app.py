@@ -90,30 +90,20 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
     503: "the queue is full: retry after Retry-After seconds",
 }.items()}
 
+def _image_list_body(items: dict, **details) -> dict:
+    """The OpenAPI schema of a body whose required ``images`` field is an array of ``items``."""
+    images = {"type": "array", "items": items, **details}
+    return {"schema": {"type": "object", "properties": {FIELD: images}, "required": [FIELD]}}
+
+
 SCORE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                    "required": [FIELD],
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        FIELD: {
-                            "type": "array",
-                            "items": {"type": "string", "format": "byte"},
-                            "description": "base64 image files (or data: URLs)",
-                        }
-                    },
-                    "required": [FIELD],
-                }
-            },
+            "multipart/form-data": _image_list_body({"type": "string", "format": "binary"}),
+            "application/json": _image_list_body(
+                {"type": "string", "format": "byte"}, description="base64 image files (or data: URLs)"
+            ),
         },
     }
 }
@@ -158,7 +148,8 @@ def create_app(scorer, settings: ServeSettings | None = None, *, model_info: dic
             if failed is not None:
                 raise failed
             results = await batcher.score([upload.name for upload in uploads], decoded)
-        return JSONResponse({"results": [_result_record(result) for result in results]})
+        records = [{key: value for key, value in asdict(result).items() if key != "error"} for result in results]
+        return JSONResponse({"results": records})
 
     @app.get("/health")
     async def health():
@@ -203,10 +194,6 @@ def _loaded_from(model) -> dict:
         return {}
     return {"kind": report.kind, "model_folder": report.model_folder, "base_folder": report.base_folder,
             "quantization": report.quantization}
-
-
-def _result_record(result) -> dict:
-    return {key: value for key, value in asdict(result).items() if key != "error"}
 
 
 def _api_key_check(api_key: str | None):

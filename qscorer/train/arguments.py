@@ -17,19 +17,11 @@ from pathlib import Path
 
 import transformers
 
+from ..data.conversation import TRAINING_VERSIONS
 from ..errors import QScorerError
 from ..model.configuration import OBJECTIVE_DEFAULTS
 
 logger = logging.getLogger(__name__)
-
-DATASET_TYPES = ("single", "pair")
-BINARY_RATING_KINDS = ("bce", "fidelity")
-LORA_BIAS_KINDS = ("none", "all", "lora_only")
-QUANT_TYPES = ("nf4", "fp4")
-RANK_SCORE_SOURCES = ("tokens", "head")
-TRAINING_VERSIONS = ("v1", "vicuna_v1")
-"""Conversation versions whose template the training data pipeline implements (train_lora.sh uses v1)."""
-
 
 _PARENT_FIELDS = {parent_field.name for parent_field in fields(transformers.TrainingArguments)}
 
@@ -66,7 +58,7 @@ class DataArguments:
 
     dataset_type: str = field(
         default="single", metadata=_help("single: score / description records; pair: pairs for the ranking loss",
-                                         choices=list(DATASET_TYPES))
+                                         choices=["single", "pair"])
     )
     data_paths: list[str] = field(default_factory=list, metadata=_help("training meta files (JSON list or lines)"))
     data_weights: list[int] = field(
@@ -135,7 +127,7 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     binary_rating_loss: str = field(
         default=OBJECTIVE_DEFAULTS["binary_rating_loss"],
-        metadata=_help("binary ranking loss kind", choices=list(BINARY_RATING_KINDS)),
+        metadata=_help("binary ranking loss kind", choices=["bce", "fidelity"]),
     )
     closeset_rating_loss: bool = field(
         default=OBJECTIVE_DEFAULTS["closeset_rating_loss"],
@@ -153,7 +145,7 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=512, metadata=_help("longest sequence, image rows included"))
     double_quant: bool = field(default=True, metadata=_help("accepted for compatibility (QLoRA only)"))
     quant_type: str = field(default="nf4", metadata=_help("accepted for compatibility (QLoRA only)",
-                                                          choices=list(QUANT_TYPES)))
+                                                          choices=["nf4", "fp4"]))
     bits: int = field(default=16, metadata=_help("weight bits; only 16 (4 / 8 = QLoRA is not implemented)"))
     lora_enable: bool = field(default=False, metadata=_help("train LoRA adapters instead of the full model"))
     lora_r: int = field(default=128, metadata=_help("LoRA rank"))
@@ -162,7 +154,7 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_weight_path: str = field(
         default="", metadata=_help("a LoRA checkpoint folder to start from (adapter + non-LoRA weights)")
     )
-    lora_bias: str = field(default="none", metadata=_help("LoRA bias mode", choices=list(LORA_BIAS_KINDS)))
+    lora_bias: str = field(default="none", metadata=_help("LoRA bias mode", choices=["none", "all", "lora_only"]))
     visual_abstractor_lr: float | None = field(
         default=None, metadata=_help("learning rate of the abstractor (needs --tune_visual_abstractor True)")
     )
@@ -187,7 +179,7 @@ class TrainingArguments(transformers.TrainingArguments):
     rank_score_source: str = field(
         default=OBJECTIVE_DEFAULTS["rank_score_source"],
         metadata=_help("(qscorer) the ranking loss compares the expected score of the score-token distribution "
-                       "(tokens) or the regression head's output (head)", choices=list(RANK_SCORE_SOURCES)),
+                       "(tokens) or the regression head's output (head)", choices=["tokens", "head"]),
     )
 
     def __post_init__(self):
@@ -217,12 +209,9 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
-
-
 def argument_parser() -> transformers.HfArgumentParser:
     """The HfArgumentParser of the three dataclasses."""
-    return transformers.HfArgumentParser(ARGUMENT_CLASSES)
+    return transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -276,16 +265,6 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
             f"--version {model_args.version!r} has no training template here; use one of {list(TRAINING_VERSIONS)} "
             "(train_lora.sh uses v1; the original's default v0 is not a Q-Scorer template)"
         )
-    problems += _data_problems(data_args)
-    problems += _training_problems(training_args)
-    if problems:
-        raise QScorerError("; ".join(problems))
-    if data_args.dataset_type == "single" and training_args.weight_rank != 1.0:
-        logger.warning("--weight_rank has no effect with --dataset_type single")
-
-
-def _data_problems(data_args: DataArguments) -> list[str]:
-    problems = []
     if not data_args.data_paths:
         problems.append("--data_paths is empty: give at least one training meta file")
     if data_args.data_weights and len(data_args.data_weights) != len(data_args.data_paths):
@@ -300,42 +279,42 @@ def _data_problems(data_args: DataArguments) -> list[str]:
     problems += [f"--data_paths: {path} is not a file" for path in data_args.data_paths if not os.path.isfile(path)]
     if data_args.image_folder is not None and not Path(data_args.image_folder).is_dir():
         problems.append(f"--image_folder {data_args.image_folder} is not a folder")
-    return problems
-
-
-def _training_problems(args: TrainingArguments) -> list[str]:
-    problems = []
-    if args.bits != 16:
+    if training_args.bits != 16:
         problems.append(
-            f"--bits {args.bits}: QLoRA (bitsandbytes 4 / 8-bit base weights) is not implemented in qscorer; use "
-            "--bits 16 (train_lora.sh does)"
+            f"--bits {training_args.bits}: QLoRA (bitsandbytes 4 / 8-bit base weights) is not implemented in qscorer; "
+            "use --bits 16 (train_lora.sh does)"
         )
-    if args.fp16 and not _cuda_available():
+    if training_args.fp16 and not _cuda_available():
         problems.append("--fp16 True needs a CUDA GPU; on CPU use --bf16 True --use_cpu True or full precision")
-    if args.lora_enable and (args.lora_r < 1 or args.lora_alpha <= 0):
-        problems.append(f"--lora_r {args.lora_r} / --lora_alpha {args.lora_alpha} must be positive")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        problems.append(f"--lora_dropout {args.lora_dropout} must be in [0, 1)")
-    if args.lora_weight_path:
-        if not args.lora_enable:
+    if training_args.lora_enable and (training_args.lora_r < 1 or training_args.lora_alpha <= 0):
+        problems.append(f"--lora_r {training_args.lora_r} / --lora_alpha {training_args.lora_alpha} must be positive")
+    if not 0.0 <= training_args.lora_dropout < 1.0:
+        problems.append(f"--lora_dropout {training_args.lora_dropout} must be in [0, 1)")
+    if training_args.lora_weight_path:
+        if not training_args.lora_enable:
             problems.append("--lora_weight_path needs --lora_enable True")
-        elif not (Path(args.lora_weight_path) / "adapter_config.json").is_file():
-            problems.append(f"--lora_weight_path {args.lora_weight_path} is not a LoRA checkpoint folder "
+        elif not (Path(training_args.lora_weight_path) / "adapter_config.json").is_file():
+            problems.append(f"--lora_weight_path {training_args.lora_weight_path} is not a LoRA checkpoint folder "
                             "(no adapter_config.json)")
-    if args.visual_abstractor_lr is not None and not args.tune_visual_abstractor:
+    if training_args.visual_abstractor_lr is not None and not training_args.tune_visual_abstractor:
         problems.append("--visual_abstractor_lr is set but the abstractor is frozen: add --tune_visual_abstractor True")
-    if args.visual_abstractor_lr is not None and args.visual_abstractor_lr <= 0:
-        problems.append(f"--visual_abstractor_lr {args.visual_abstractor_lr} must be positive")
+    if training_args.visual_abstractor_lr is not None and training_args.visual_abstractor_lr <= 0:
+        problems.append(f"--visual_abstractor_lr {training_args.visual_abstractor_lr} must be positive")
     weights = {
-        "--weight_desp": args.weight_desp,
-        "--weight_next_token": args.weight_next_token,
-        "--weight_rank": args.weight_rank,
-        "--weight_soft_kl": args.weight_soft_kl,
-        "--weight_in_level": args.weight_in_level or 0.0,
+        "--weight_desp": training_args.weight_desp,
+        "--weight_next_token": training_args.weight_next_token,
+        "--weight_rank": training_args.weight_rank,
+        "--weight_soft_kl": training_args.weight_soft_kl,
+        "--weight_in_level": training_args.weight_in_level or 0.0,
     }
     problems += [f"{name} {value} must be >= 0" for name, value in weights.items() if value < 0]
-    if args.remove_unused_columns:
+    if training_args.remove_unused_columns:
         problems.append("--remove_unused_columns True would drop the images and score targets: leave it False")
-    if args.model_max_length < 128:
-        problems.append(f"--model_max_length {args.model_max_length} is too short: an image alone takes 65 rows")
-    return problems
+    if training_args.model_max_length < 128:
+        problems.append(
+            f"--model_max_length {training_args.model_max_length} is too short: an image alone takes 65 rows"
+        )
+    if problems:
+        raise QScorerError("; ".join(problems))
+    if data_args.dataset_type == "single" and training_args.weight_rank != 1.0:
+        logger.warning("--weight_rank has no effect with --dataset_type single")

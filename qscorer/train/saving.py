@@ -30,7 +30,6 @@ from ..checkpoints import (
     NON_LORA_STEM,
     PEFT_PREFIX,
     checkpoint_key,
-    is_lora_name,
     read_state_dict,
     weights_file,
     write_tensors,
@@ -55,7 +54,7 @@ def split_state(model, state_dict: dict[str, torch.Tensor] | None = None):
     adapter, non_lora = {}, {}
     for name, tensor in state_dict.items():
         value = tensor.detach().to("cpu", copy=True).contiguous()
-        if is_lora_name(name):
+        if "lora_" in name:
             adapter[checkpoint_key(name)] = value
         elif name in trainable or name.endswith(ALWAYS_SAVED):
             non_lora[checkpoint_key(name)] = value
@@ -141,7 +140,7 @@ def load_lora_checkpoint(model, folder: str | os.PathLike) -> None:
                 state[name] = tensor
     if unexpected:
         raise QScorerError(f"{folder} has {len(unexpected)} tensors the model does not have, e.g. {unexpected[:3]}")
-    missing = sorted(name for name in own if is_lora_name(name) and name not in state)
+    missing = sorted(name for name in own if "lora_" in name and name not in state)
     if missing:
         raise QScorerError(f"{folder} lacks LoRA tensors of the model, e.g. {missing[:3]}")
     model.load_state_dict(state, strict=False)

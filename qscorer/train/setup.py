@@ -40,7 +40,6 @@ PAIR_CONFIG_FIELDS = (
 ``rank_score_source`` are qscorer's)."""
 
 
-
 def compute_dtype(training_args) -> torch.dtype:
     """float16 with ``--fp16``, bfloat16 with ``--bf16``, else float32, like the original."""
     if training_args.fp16:

@@ -75,8 +75,7 @@ def train(model_args, data_args, training_args) -> TrainingRun:
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
-    model = unwrap_peft(trainer.model)
-    model.config.use_cache = True
+    unwrap_peft(trainer.model).config.use_cache = True
     trainer.save_model(training_args.output_dir)
     logger.info("training finished after %d steps; saved to %s", trainer.state.global_step, training_args.output_dir)
     return TrainingRun(trainer, tokenizer)

@@ -77,8 +77,7 @@ class QScorerTrainer(Trainer):
         # gradient accumulation (PeftModel.forward takes **kwargs, which would make the Trainer assume otherwise).
         self.model_accepts_loss_kwargs = False
         self.tokenizer_to_save = tokenizer
-        base = unwrap_peft(self.model)
-        self.objective = BatchObjective(base.config)
+        self.objective = BatchObjective(unwrap_peft(self.model).config)
         self._part_sums: dict[str, float] = defaultdict(float)
         self._part_counts: dict[str, int] = defaultdict(int)
 
