@@ -14,6 +14,9 @@ blur / JPEG / noise / pixelation of the six photos the base never saw), and are 
   predicting the score token; score = the head's output at the token the model appends after "is".
 - ``level_words``: answers "The quality of the image is good." (metas/train_levels.json); loss CE only; score =
   sum over the five level words of softmax(their logits after "is") x (1..5).
+- ``level_words_soft_labels``: ``level_words`` plus the soft-label terms the project has, read at the level word
+  (``--rating_tokens level_words``): DeQA-Score's soft-label KL and in-level loss, weight 1 each. (The ranking loss
+  needs pair batches, a different data pipeline and budget; it is not part of this arm.)
 
 Each run is read out after the prompt it was trained at (the training template's prefix, as ``qscorer demo``
 scores) and after the original's batch-evaluation prompt. Seeds change the new rows' and the head's
@@ -37,7 +40,7 @@ from pathlib import Path
 import torch
 
 from qscorer.cli import main as cli_main
-from qscorer.constants import DEFAULT_IMAGE_TOKEN, LEVEL_WORDS, SCORE_TOKENS
+from qscorer.constants import DEFAULT_IMAGE_TOKEN, SCORE_TOKENS
 from qscorer.data import (
     build_training_prompt,
     encode_text,
@@ -47,7 +50,7 @@ from qscorer.data import (
     scoring_prompt_ids,
     tokenizer_image_token,
 )
-from qscorer.data.conversation import ANSWER_PREFIX, SCORING_QUESTION
+from qscorer.data.conversation import ANSWER_PREFIX, SCORING_QUESTION, level_word_ids
 from qscorer.demo import DEMO_EPOCHS, DEMO_NUM_TEST, DEMO_NUM_TRAIN, synth_arguments, training_arguments
 from qscorer.demo_base import SHIPPED_BASE
 from qscorer.evaluation import compute_metrics
@@ -57,21 +60,15 @@ from qscorer.train.train import train
 
 logger = logging.getLogger("paper_claim_miniature")
 
-ARMS = {"qscorer": "train.json", "level_words": "train_levels.json"}
-
-
-def level_word_ids(tokenizer) -> list[int]:
-    """The first piece of each level word after the answer prefix, bad..excellent; they must differ."""
-    prefix = encode_text(ANSWER_PREFIX, tokenizer, add_bos=False)
-    ids = []
-    for word in LEVEL_WORDS:
-        answer = encode_text(f"{ANSWER_PREFIX} {word}", tokenizer, add_bos=False)
-        if answer[: len(prefix)] != prefix:
-            raise SystemExit(f"the tokenizer splits the answer prefix differently before {word!r}")
-        ids.append(answer[len(prefix)])
-    if len(set(ids)) != len(ids):
-        raise SystemExit(f"level words share a first piece: {dict(zip(LEVEL_WORDS, ids))}")
-    return ids
+ARMS = {
+    "qscorer": ("train.json", []),
+    "level_words": ("train_levels.json", []),
+    "level_words_soft_labels": (
+        "train_levels.json",
+        ["--rating_tokens", "level_words", "--weight_soft_kl", "1.0", "--weight_in_level", "1.0"],
+    ),
+}
+"""Each arm's training meta and extra training flags."""
 
 
 def readout_prompts(tokenizer) -> dict[str, torch.Tensor]:
@@ -124,7 +121,9 @@ def _token_before_score_token(tokenizer) -> int:
 def run_arm(name: str, data: Path, output: Path, seed: int, epochs: float) -> dict:
     """Fine-tune the shipped base on one arm's answers with the demo's recipe; held-out metrics per prompt."""
     argv = training_arguments(SHIPPED_BASE, data, output, epochs=epochs, seed=seed)[1:]
-    argv[argv.index("--data_paths") + 1] = str(data / "metas" / ARMS[name])
+    meta, extra = ARMS[name]
+    argv[argv.index("--data_paths") + 1] = str(data / "metas" / meta)
+    argv += extra
     wall_start = time.perf_counter()
     run = train(*parse_arguments(argv))
     result = {
@@ -168,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-train", type=int, default=DEMO_NUM_TRAIN)
     parser.add_argument("--num-test", type=int, default=DEMO_NUM_TEST)
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0, the demo's)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="arms to run (default all)")
     parser.add_argument("--work-dir", type=Path, help="keep data and models here (default: a temporary folder)")
     options = parser.parse_args(argv)
     if len(options.seeds) < 2:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         level_word_ids(load_tokenizer(SHIPPED_BASE))
         runs = {
             name: [run_arm(name, data, work / f"{name}_seed{seed}", seed, options.epochs) for seed in options.seeds]
-            for name in ARMS
+            for name in options.arms
         }
 
     means = {name: summary(arm_runs) for name, arm_runs in runs.items()}
@@ -197,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "settings": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(options).items()},
         "summary": means,
-        "srcc_difference_training_prompt": means["qscorer"]["training_prompt_SRCC"]["mean"]
-        - means["level_words"]["training_prompt_SRCC"]["mean"],
-        "plcc_difference_training_prompt": means["qscorer"]["training_prompt_PLCC"]["mean"]
-        - means["level_words"]["training_prompt_PLCC"]["mean"],
+        "qscorer_minus_arm": {
+            name: {key: means["qscorer"][key]["mean"] - value["mean"] for key, value in arm.items()}
+            for name, arm in means.items()
+            if name != "qscorer" and "qscorer" in means
+        },
         "runs": runs,
     }
     print(json.dumps(report, indent=2), file=report_stream)

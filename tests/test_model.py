@@ -294,6 +294,7 @@ def test_loss_is_cross_entropy_plus_summed_squared_error_over_batch():
     predictions = model.deepmlp(hidden[:, score_position]).clamp(0, 5)
     expected_score = ((predictions - batch["gt_scores"]) ** 2).sum() / 2
     assert output.score_positions.tolist() == [[0, score_position], [1, score_position]]
+    assert torch.equal(output.labels, spliced_labels)
     assert output.loss_ce.item() == pytest.approx(expected_ce.item(), abs=1e-5)
     assert output.loss_score.item() == pytest.approx(expected_score.item(), abs=1e-5)
     assert output.loss.item() == pytest.approx(expected_ce.item() + expected_score.item(), abs=1e-5)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from test_train_support import synthetic_data, training_argv
 
+from qscorer.data.conversation import level_word_ids
 from qscorer.data.losses import continuous_rating_loss, in_level_loss, score_and_std, soft_label_kl_loss
 from qscorer.errors import QScorerError
 from qscorer.model.modeling import TASK_INPUTS as MODEL_INPUTS
@@ -22,8 +23,8 @@ from qscorer.train.setup import build_model, load_training_tokenizer
 from qscorer.train.trainer import QScorerTrainer, decay_parameter_names, parameter_groups
 
 
-def _setup(tmp_path, *extra):
-    model_args, data_args, training_args = parse_arguments(training_argv(tmp_path, *extra))
+def _setup(tmp_path, *extra, meta="train.json"):
+    model_args, data_args, training_args = parse_arguments(training_argv(tmp_path, *extra, meta=meta))
     tokenizer = load_training_tokenizer(model_args, training_args)
     torch.manual_seed(0)
     model = build_model(model_args, data_args, training_args, tokenizer)
@@ -171,6 +172,67 @@ def test_soft_label_and_in_level_terms_are_read_at_the_score_positions(tmp_path)
     records = dataset.records[:3]
     expected = torch.tensor([record.fields["level_probs"] for record in records], dtype=torch.float32)
     torch.testing.assert_close(batch["level_probs"], expected)
+
+
+def _level_word_positions(batch, level_ids) -> list[list[int]]:
+    """(row, spliced position) predicting the level word, by hand: its label index - 1, shifted by the 64 extra
+    rows of the one image that precedes it (65 visual rows replace one placeholder)."""
+    rows = []
+    for row, labels in enumerate(batch["labels"].tolist()):
+        index = next(i for i, label in enumerate(labels) if label in level_ids)
+        rows.append([row, index - 1 + 64])
+    return rows
+
+
+def test_level_word_answers_get_the_soft_label_terms_at_the_level_word(tmp_path):
+    model, dataset, collator, args = _setup(
+        tmp_path, "--rating_tokens", "level_words", "--weight_soft_kl", "0.5", "--weight_in_level", "0.25",
+        meta="train_levels.json",
+    )
+    model.eval()
+    batch = _batch(dataset, collator)
+    excellent_first = list(reversed(level_word_ids(dataset.tokenizer)))
+    trainer = QScorerTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                             tokenizer=dataset.tokenizer)
+    assert trainer.objective.rating_token_ids == excellent_first
+    with torch.no_grad():
+        result = trainer.objective(model, batch)
+        output = model(**{key: batch[key] for key in MODEL_INPUTS})
+    positions = _level_word_positions(batch, excellent_first)
+    assert trainer.objective.rating_positions(output).tolist() == positions
+    logits = output.logits[[row for row, _ in positions], [position for _, position in positions]]
+    kl = soft_label_kl_loss(logits, batch["level_probs"], excellent_first, closed_set=False)
+    in_level = in_level_loss(logits, excellent_first)
+    assert result.parts["loss_soft_kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert result.loss.item() == pytest.approx(output.loss.item() + 0.5 * kl.item() + 0.25 * in_level.item(), rel=1e-5)
+    assert output.loss_score.item() == 0.0  # no score token: the regression head is not trained
+
+
+def test_level_word_pairs_are_ranked_by_the_expected_level(tmp_path):
+    model, dataset, collator, args = _setup(
+        tmp_path, "--rating_tokens", "level_words", "--dataset_type", "pair", "--pair_std_field", "std",
+        "--closeset_rating_loss", "True", meta="train_levels.json",
+    )
+    model.eval()
+    batch = _batch(dataset, collator)
+    level_ids = level_word_ids(dataset.tokenizer)
+    excellent_first = list(reversed(level_ids))
+    with torch.no_grad():
+        result = BatchObjective(model.get_base_model().config, level_ids)(model, batch)
+        scores = {}
+        for half in ("A", "B"):
+            item = batch[f"item_{half}"]
+            output = model(**{key: item[key] for key in MODEL_INPUTS})
+            rows, positions = zip(*_level_word_positions(item, excellent_first))
+            scores[half] = score_and_std(output.logits[list(rows), list(positions)][:, excellent_first])[0]
+    rank = continuous_rating_loss(scores["A"], scores["B"], batch["gt_scores_norm_A"], batch["gt_scores_norm_B"],
+                                  batch["stds_A"], batch["stds_B"])
+    assert result.parts["loss_rank"].item() == pytest.approx(rank.item(), rel=1e-5)
+
+
+def test_the_head_cannot_rank_level_word_answers(tmp_path):
+    with pytest.raises(QScorerError, match="--rating_tokens score_tokens"):
+        parse_arguments(training_argv(tmp_path, "--rating_tokens", "level_words", "--rank_score_source", "head"))
 
 
 def test_pair_batches_add_the_ranking_loss_between_the_halves(tmp_path):

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..constants import DEFAULT_IMAGE_TOKEN
+from ..constants import DEFAULT_IMAGE_TOKEN, LEVEL_WORDS
 from ..errors import QScorerError
-from .tokenization import tokenizer_image_token
+from .tokenization import encode_text, tokenizer_image_token
 
 SCORING_QUESTION = "How would you rate the quality of this image?"
 """The question of every inference prompt (training questions may vary per record)."""
@@ -100,6 +100,28 @@ def scoring_prompt_ids(tokenizer, kind: str = "scorer") -> list[int]:
     """Ids of a scoring prompt, with -200 for the image: on LLaMA-2, 28 ids for "scorer" and "eval",
     59 for "training" (the first 59 ids of a training record answering "... is <scoreN>.")."""
     return tokenizer_image_token(build_scoring_prompt(kind), tokenizer)
+
+
+def level_word_ids(tokenizer) -> list[int]:
+    """Ids of the five level words as answered after :data:`ANSWER_PREFIX` ("... is good."), bad..excellent.
+
+    Each word must be one piece there, and the five must differ: the level-word readouts and losses read one logit
+    per level at the position after "is".
+    """
+    prefix = encode_text(ANSWER_PREFIX, tokenizer, add_bos=False)
+    ids = []
+    for word in LEVEL_WORDS:
+        answer = encode_text(f"{ANSWER_PREFIX} {word}.", tokenizer, add_bos=False)
+        pieces = answer[len(prefix) : -1] if answer[: len(prefix)] == prefix else []
+        if len(pieces) != 1:
+            raise QScorerError(
+                f"the tokenizer does not answer the level word {word!r} with one piece after {ANSWER_PREFIX!r}: "
+                f"got ids {answer}"
+            )
+        ids.append(pieces[0])
+    if len(set(ids)) != len(ids):
+        raise QScorerError(f"level words share a piece: {dict(zip(LEVEL_WORDS, ids))}")
+    return ids
 
 
 def place_images_first(conversations: Sequence[dict], n_images: int) -> list[dict]:

@@ -28,6 +28,7 @@ OBJECTIVE_DEFAULTS = {
     "use_fix_std": True,
     "detach_pred_std": False,
     "rank_score_source": "tokens",
+    "rating_tokens": "score_tokens",
 }
 """The training objective's settings and the value each takes when a config does not record it (the training flags
 start from these values too). A batch's loss is ``weight_desp`` x the loss of its description records +
@@ -37,7 +38,8 @@ DeQA's full-vocabulary form) and ``weight_in_level`` x DeQA's in-level loss; pai
 ranking loss between the halves (Thurstone fidelity with ``continuous_rating_loss``, else ``binary_rating_loss``
 "bce" / "fidelity"; scores from the five score tokens only with ``closeset_rating_loss``; unit stds with
 ``use_fix_std``, else predicted ones, detached with ``detach_pred_std``; ``rank_score_source`` "tokens" (expected
-level) or "head")."""
+level) or "head"). ``rating_tokens``: the five tokens the soft-label, in-level and token-based ranking terms read,
+the score tokens or, for answers like "... is good." (Q-Align / DeQA-Score's), the level words ("level_words")."""
 
 TRAINING_FIELDS = (
     *OBJECTIVE_DEFAULTS,

@@ -62,6 +62,8 @@ class QScorerCausalLMOutput(ModelOutput):
     - ``attention_mask``: the spliced padding mask (None when no row is padded).
     - ``score_positions`` [N, 2]: (row, position) pairs whose next label is a score token;
       ``score_predictions`` [N]: the clamped head outputs there.
+    - ``labels``: the labels over the spliced sequence (-100 on the image rows), aligned with ``logits``, when
+      ``labels`` are given (training objectives find other answer tokens in them).
     """
 
     loss: torch.Tensor | None = None
@@ -74,6 +76,7 @@ class QScorerCausalLMOutput(ModelOutput):
     loss_score: torch.Tensor | None = None
     score_positions: torch.Tensor | None = None
     score_predictions: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -474,6 +477,7 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel):
             hidden_states=all_hidden,
             last_hidden_state=hidden,
             attention_mask=spliced.attention_mask,
+            labels=spliced.labels,
             **losses,
         )
         return output if return_dict is not False else output.to_tuple()

@@ -181,6 +181,12 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata=_help("(qscorer) the ranking loss compares the expected score of the score-token distribution "
                        "(tokens) or the regression head's output (head)", choices=["tokens", "head"]),
     )
+    rating_tokens: str = field(
+        default=OBJECTIVE_DEFAULTS["rating_tokens"],
+        metadata=_help("(qscorer) the five answer tokens that --weight_soft_kl, --weight_in_level and the ranking "
+                       "loss read: score_tokens (<score5>..<score1>) or level_words (excellent..bad, for answers "
+                       "like '... is good.', as Q-Align / DeQA-Score train)", choices=["score_tokens", "level_words"]),
+    )
 
     def __post_init__(self):
         if self.evaluation_strategy is not None:
@@ -308,6 +314,9 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         "--weight_in_level": training_args.weight_in_level or 0.0,
     }
     problems += [f"{name} {value} must be >= 0" for name, value in weights.items() if value < 0]
+    if training_args.rating_tokens == "level_words" and training_args.rank_score_source == "head":
+        problems.append("--rank_score_source head reads the regression head at the score token: it needs "
+                        "--rating_tokens score_tokens")
     if training_args.remove_unused_columns:
         problems.append("--remove_unused_columns True would drop the images and score targets: leave it False")
     if training_args.model_max_length < 128:

@@ -37,10 +37,10 @@ class BatchLoss:
     stds: torch.Tensor | None = None
 
 
-def open_set_score_and_std(logits: torch.Tensor, score_token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expected score and std from the full-vocabulary softmax restricted to the score tokens (DeQA without
+def open_set_score_and_std(logits: torch.Tensor, rating_token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected score and std from the full-vocabulary softmax restricted to the five rating tokens (DeQA without
     ``closeset_rating_loss``): ``p = softmax(logits)[ids]`` is not renormalised. Float32, [N] each."""
-    probs = torch.softmax(logits.float(), dim=-1)[:, list(score_token_ids)]
+    probs = torch.softmax(logits.float(), dim=-1)[:, list(rating_token_ids)]
     weights = torch.tensor(SCORE_WEIGHTS, dtype=probs.dtype, device=probs.device)
     score = (probs * weights).sum(dim=-1)
     variance = (probs * (weights - score[:, None]) ** 2).sum(dim=-1)
@@ -48,13 +48,24 @@ def open_set_score_and_std(logits: torch.Tensor, score_token_ids: Sequence[int])
 
 
 class BatchObjective:
-    """Computes :class:`BatchLoss` of single and pair batches with the objective settings of ``config``."""
+    """Computes :class:`BatchLoss` of single and pair batches with the objective settings of ``config``.
 
-    def __init__(self, config):
-        if len(config.score_token_id) != len(SCORE_WEIGHTS):
-            raise QScorerError(f"the model has {len(config.score_token_id)} score tokens, the losses need 5")
+    The terms read at the rating position use the five rating tokens, excellent first: the model's score tokens, or
+    with ``rating_tokens="level_words"`` the ``level_word_ids`` (bad..excellent, as ``level_word_ids(tokenizer)``
+    gives them), read where the answer's level word is predicted.
+    """
+
+    def __init__(self, config, level_word_ids: Sequence[int] | None = None):
+        if config.objective("rating_tokens") == "level_words":
+            if level_word_ids is None:
+                raise QScorerError("rating_tokens level_words needs the level words' ids (level_word_ids(tokenizer))")
+            ids = list(reversed(level_word_ids))
+        else:
+            ids = list(config.score_token_id)
+        if len(ids) != len(SCORE_WEIGHTS):
+            raise QScorerError(f"{len(ids)} rating tokens ({config.objective('rating_tokens')}), the losses need 5")
         self.config = config
-        self.score_token_ids = list(config.score_token_id)
+        self.rating_token_ids = ids
 
     def __call__(self, model, batch: dict) -> BatchLoss:
         input_type = batch.get("input_type")
@@ -81,30 +92,42 @@ class BatchObjective:
         reads_logits = setting("weight_soft_kl") > 0 or setting("weight_in_level") > 0
         if score is None or not (reads_logits or ranking):
             return BatchLoss(total, parts)
-        positions = score.score_positions
+        positions = self.rating_positions(score)
         logits = score.logits[positions[:, 0], positions[:, 1]]
         if setting("weight_soft_kl") > 0:
             rows = torch.tensor(output.score_rows, device=logits.device)
             targets = batch["level_probs"].to(logits.device)[rows][positions[:, 0]]
-            kl = soft_label_kl_loss(logits, targets, self.score_token_ids, closed_set=setting("soft_kl_closed_set"))
+            kl = soft_label_kl_loss(logits, targets, self.rating_token_ids, closed_set=setting("soft_kl_closed_set"))
             parts["loss_soft_kl"] = kl
             total = total + setting("weight_soft_kl") * kl
         if setting("weight_in_level") > 0:
-            in_level = in_level_loss(logits, self.score_token_ids)
+            in_level = in_level_loss(logits, self.rating_token_ids)
             parts["loss_in_level"] = in_level
             total = total + setting("weight_in_level") * in_level
         if ranking:
-            scores, stds = self._ranking_scores(score, logits, len(output.score_rows))
+            scores, stds = self._ranking_scores(score, positions, logits, len(output.score_rows))
         return BatchLoss(total, parts, scores, stds)
 
-    def _ranking_scores(self, output, logits: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = output.score_positions
+    def rating_positions(self, output) -> torch.Tensor:
+        """(row, position) pairs of the spliced sequence whose next label is a rating token, [N, 2] (for the score
+        tokens, the model's ``score_positions``)."""
+        if self.config.objective("rating_tokens") != "level_words":
+            return output.score_positions
+        ids = torch.tensor(self.rating_token_ids, dtype=output.labels.dtype, device=output.labels.device)
+        return torch.isin(output.labels[:, 1:], ids).nonzero()
+
+    def _ranking_scores(
+        self, output, positions: torch.Tensor, logits: torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.shape[0] != batch_size or not torch.equal(positions[:, 0].cpu(), torch.arange(batch_size)):
-            raise QScorerError("pair training needs exactly one score token in the answer of every item")
+            raise QScorerError(
+                f"pair training needs exactly one rating token ({self.config.objective('rating_tokens')}) in the "
+                "answer of every item"
+            )
         if self.config.objective("closeset_rating_loss"):
-            scores, stds = score_and_std(logits[:, self.score_token_ids].float())
+            scores, stds = score_and_std(logits[:, self.rating_token_ids].float())
         else:
-            scores, stds = open_set_score_and_std(logits, self.score_token_ids)
+            scores, stds = open_set_score_and_std(logits, self.rating_token_ids)
         if self.config.objective("rank_score_source") == "head":
             scores = output.score_predictions.float()
         return scores, stds
@@ -118,9 +141,14 @@ class BatchObjective:
         if setting("continuous_rating_loss"):
             predicted_stds = {} if setting("use_fix_std") else {"std_a": a.stds, "std_b": b.stds}
             rank = continuous_rating_loss(
-                a.scores, b.scores, gt_a, gt_b,
-                batch["stds_A"].to(gt_a.device), batch["stds_B"].to(gt_a.device),
-                **predicted_stds, detach_std=setting("detach_pred_std"),
+                a.scores,
+                b.scores,
+                gt_a,
+                gt_b,
+                batch["stds_A"].to(gt_a.device),
+                batch["stds_B"].to(gt_a.device),
+                **predicted_stds,
+                detach_std=setting("detach_pred_std"),
             )
         else:
             rank = binary_rating_loss(a.scores, b.scores, gt_a, gt_b, kind=setting("binary_rating_loss"))

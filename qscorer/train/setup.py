@@ -19,6 +19,7 @@ from torch import nn
 from ..checkpoints import TOKENIZER_FILES, unwrap_peft
 from ..constants import SCORE_TOKENS
 from ..errors import QScorerError
+from ..model.configuration import OBJECTIVE_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +169,8 @@ def set_trainable(model, training_args) -> None:
 
 def record_training_config(config, data_args, training_args) -> None:
     """Write the training fields into the model config, as the original did: the task weights and the image
-    settings always, the pair-loss settings for pair training; qscorer's soft-label KL and in-level weights when
-    set. The batch objective reads its settings from there."""
+    settings always, the pair-loss settings for pair training; qscorer's soft-label KL and in-level weights and
+    the rating tokens when set. The batch objective reads its settings from there."""
     if data_args.dataset_type == "pair":
         for name in PAIR_CONFIG_FIELDS:
             setattr(config, name, getattr(training_args, name))
@@ -178,6 +179,8 @@ def record_training_config(config, data_args, training_args) -> None:
         config.soft_kl_closed_set = training_args.soft_kl_closed_set
     if training_args.weight_in_level is not None:
         config.weight_in_level = training_args.weight_in_level
+    if training_args.rating_tokens != OBJECTIVE_DEFAULTS["rating_tokens"]:
+        config.rating_tokens = training_args.rating_tokens
     config.weight_desp = training_args.weight_desp
     config.weight_next_token = training_args.weight_next_token
     config.image_aspect_ratio = data_args.image_aspect_ratio

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..checkpoints import ADAPTER_CONFIG, is_peft_model, unwrap_peft
+from ..data.conversation import level_word_ids
 from ..model.llama import MPLUGOwl2RMSNorm
 from .objectives import BatchObjective
 from .sampler import ModalityLengthGroupedSampler
@@ -77,7 +78,9 @@ class QScorerTrainer(Trainer):
         # gradient accumulation (PeftModel.forward takes **kwargs, which would make the Trainer assume otherwise).
         self.model_accepts_loss_kwargs = False
         self.tokenizer_to_save = tokenizer
-        self.objective = BatchObjective(unwrap_peft(self.model).config)
+        config = unwrap_peft(self.model).config
+        level_words = config.objective("rating_tokens") == "level_words"
+        self.objective = BatchObjective(config, level_word_ids(tokenizer) if level_words else None)
         self._part_sums: dict[str, float] = defaultdict(float)
         self._part_counts: dict[str, int] = defaultdict(int)
 
