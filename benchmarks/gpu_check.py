@@ -164,12 +164,17 @@ def memory(device: Device, batch: int) -> list[dict]:
     return rows
 
 
+def _parity_case(parity_dir: Path) -> tuple[list[Path], dict]:
+    """The parity images and the original's golden LoRA scores for them (batch 1, scorer prompt)."""
+    images = [parity_dir / "images" / name for name in PARITY_IMAGES]
+    return images, json.loads((parity_dir / "golden" / "scorer_lora.json").read_text())["batch1"]
+
+
 def parity(device: Device, shared: Path) -> dict:
     parity_dir = shared / "parity"
     if not parity_dir.is_dir():
         return {"skipped": f"{parity_dir} is absent (pass --shared)"}
-    images = [parity_dir / "images" / name for name in PARITY_IMAGES]
-    golden = json.loads((parity_dir / "golden" / "scorer_lora.json").read_text())["batch1"]
+    images, golden = _parity_case(parity_dir)
     results = {}
     for name, paths in {"lora": ("qscorer_lora", "base"), "merged": ("qscorer_merged",)}.items():
         scores = {}
@@ -277,8 +282,7 @@ def attention(device: Device, shared: Path, batch: int) -> dict:
     parity_dir = shared / "parity"
     if not parity_dir.is_dir():
         return {**result, "parity": f"skipped: {parity_dir} is absent (pass --shared)"}
-    images = [parity_dir / "images" / name for name in PARITY_IMAGES]
-    golden = json.loads((parity_dir / "golden" / "scorer_lora.json").read_text())["batch1"]
+    images, golden = _parity_case(parity_dir)
     checkpoint = (parity_dir / "qscorer_lora", parity_dir / "base")
     result["parity_lora"] = []
     for dtype in ("float32", "bfloat16"):
