@@ -230,6 +230,13 @@ def test_level_word_pairs_are_ranked_by_the_expected_level(tmp_path):
     assert result.parts["loss_rank"].item() == pytest.approx(rank.item(), rel=1e-5)
 
 
+def test_soft_label_terms_refuse_answers_without_the_rating_tokens(tmp_path):
+    model, dataset, collator, args = _setup(tmp_path, "--weight_soft_kl", "0.5", meta="train_levels.json")
+    batch = _batch(dataset, collator)
+    with pytest.raises(QScorerError, match=r"none of the rating tokens \(score_tokens\)"):
+        BatchObjective(model.get_base_model().config)(model, batch)
+
+
 def test_the_head_cannot_rank_level_word_answers(tmp_path):
     with pytest.raises(QScorerError, match="--rating_tokens score_tokens"):
         parse_arguments(training_argv(tmp_path, "--rating_tokens", "level_words", "--rank_score_source", "head"))

@@ -93,6 +93,11 @@ class BatchObjective:
         if score is None or not (reads_logits or ranking):
             return BatchLoss(total, parts)
         positions = self.rating_positions(score)
+        if positions.shape[0] == 0:
+            raise QScorerError(
+                f"the score records' answers hold none of the rating tokens ({setting('rating_tokens')}) that "
+                "--weight_soft_kl / --weight_in_level / the ranking loss read: check --rating_tokens against the data"
+            )
         logits = score.logits[positions[:, 0], positions[:, 1]]
         if setting("weight_soft_kl") > 0:
             rows = torch.tensor(output.score_rows, device=logits.device)
