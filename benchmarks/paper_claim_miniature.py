@@ -5,10 +5,11 @@ PLCC / KRCC / RMSE per arm and seed, and each arm's mean and standard deviation.
     python benchmarks/paper_claim_miniature.py [--seeds 0 1 2] [--work-dir DIR] > miniature.json
 
 Both arms fine-tune the same pretrained base, the one ``qscorer demo`` starts from (``qscorer/assets/demo_base``:
-a tiny mPLUG-Owl2 whose vision encoder was pretrained to describe distortions on other photos), with the demo's
+a tiny mPLUG-Owl2 whose vision encoder was pretrained to describe distortions), with the demo's
 recipe and budget (``qscorer.demo.training_arguments``: LLM, abstractor, new tokens and head trained, the
 pretrained encoder frozen, the same epochs, batch and learning rate), on the demo's data (``qscorer synth``, 112 px,
-blur / JPEG / noise / pixelation of the six photos the base never saw), and are scored on its held-out crops:
+blur / JPEG / noise / pixelation of six photos), and are scored on its held-out crops, from the photos' corners,
+which the base's pretraining never saw:
 
 - ``qscorer``: answers "The quality of the image is <scoreN>."; loss CE + squared error of the head at the position
   predicting the score token; score = the head's output at the token the model appends after "is".

@@ -1,10 +1,10 @@
 """The whole pipeline on a tiny pretrained model, on CPU, with no download (``qscorer demo`` runs it).
 
-1. ``synth``: a synthetic IQA set (graded blur, JPEG, noise and pixelation, MOS 1..5, 112 px) from the six bundled
-   photos the base was never pretrained on (:func:`~qscorer.demo_base.demo_photos`); train and held-out images come
-   from disjoint crops.
+1. ``synth``: a synthetic IQA set (graded blur, JPEG, noise and pixelation, MOS 1..5, 112 px) from six bundled
+   photos (:data:`~qscorer.demo_base.DEMO_PHOTOS`); train and held-out images come from disjoint crops, the held-out
+   ones from the photos' corners, which the base's pretraining never saw.
 2. ``train``: fine-tuning of the shipped tiny base (:mod:`qscorer.demo_base`: LLM width 64, vision encoder
-   pretrained to describe distortions on other photos) with the real training code: score tokens, regression head,
+   pretrained to describe distortions) with the real training code: score tokens, regression head,
    LLM and abstractor trainable, the pretrained vision encoder frozen (as in ``scripts/train_lora.sh``).
 3. ``infer``: batch inference on the held-out images, scored after the prompt the model was trained on
    (``--prompt training``); 4. ``eval``: SRCC / PLCC table and a scatter plot.
@@ -20,18 +20,18 @@ import logging
 import time
 from pathlib import Path
 
-from .demo_base import DISTORTIONS, IMAGE_SIZE, SHIPPED_BASE, demo_photos, tiny_config
+from .demo_base import DEMO_PHOTOS, DISTORTIONS, IMAGE_SIZE, SHIPPED_BASE, tiny_config
 from .errors import QScorerError
 
 logger = logging.getLogger(__name__)
 
 
 def synth_arguments(data: Path, *, num_train: int, num_test: int, seed: int) -> list[str]:
-    """The ``qscorer synth`` command line of the demo's data: 112-px images of the photos the base never saw."""
+    """The ``qscorer synth`` command line of the demo's data: 112-px images of :data:`DEMO_PHOTOS`."""
     return [
         "synth", "--out", str(data), "--num-train", str(num_train), "--num-test", str(num_test),
         "--image-size", str(IMAGE_SIZE), "--seed", str(seed), "--distortions", ",".join(DISTORTIONS),
-        "--photos", ",".join(demo_photos()),
+        "--photos", ",".join(DEMO_PHOTOS),
     ]  # fmt: skip
 
 

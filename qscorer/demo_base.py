@@ -6,8 +6,10 @@ at a size a CPU fine-tunes in minutes: it starts from the tiny mPLUG-Owl2 shippe
 image-processor config; no score tokens). ``scripts/pretrain_demo_base.py`` rebuilds it with
 :func:`pretrain_demo_base`:
 
-1. ``qscorer synth`` on :data:`PRETRAINING_PHOTOS` only, with its own seed (the demo crops the other six photos, so
-   the base never saw any of the demo's content);
+1. pretraining images: ``qscorer synth`` crops of all twelve bundled photos with the base's own seed, kept out of the
+   four corners of every photo (``train_outside_corners``), where any ``qscorer synth`` build, the demo's included,
+   takes its held-out crops; and distorted dead-leaves images (:func:`dead_leaves`), whose content never repeats,
+   so that what the encoder learns is the distortion rather than the photo;
 2. the vision encoder, with a small probe on its mean / std pooled patch features, learns to *describe* each image's
    distortion: which one it is (cross-entropy over :data:`DISTORTIONS`) and how strong (squared error on the
    strength in [0, 1]); never a quality score or level;
@@ -38,8 +40,8 @@ logger = logging.getLogger(__name__)
 SHIPPED_BASE = Path(__file__).parent / "assets" / "demo_base"
 """The shipped pretrained tiny base folder."""
 
-PRETRAINING_PHOTOS = ("rocket", "immunohistochemistry", "hubble_deep_field", "coins", "gravel", "stereo_motorcycle")
-"""The ``qscorer synth`` photos the base is pretrained on; the demo uses the other six (:func:`demo_photos`)."""
+DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "grass", "brick")
+"""The ``qscorer synth`` photos of the demo's data."""
 
 PRETRAINING_SEED = 1000
 IMAGE_SIZE = 112
@@ -56,13 +58,6 @@ after the patch embedding largely normalises them away."""
 
 HEAD_START = 3.0
 """Starting value of the regression head's output bias: the middle of the score scale."""
-
-
-def demo_photos() -> tuple[str, ...]:
-    """The ``qscorer synth`` photos of the demo: all but :data:`PRETRAINING_PHOTOS`."""
-    from .data.synthetic import SOURCE_PHOTOS
-
-    return tuple(name for name in SOURCE_PHOTOS if name not in PRETRAINING_PHOTOS)
 
 
 def tiny_config(vocab_size: int, *, llm_width: int = 64, visual_width: int = 64, patch_size: int = PATCH_SIZE):
@@ -97,21 +92,71 @@ def tiny_config(vocab_size: int, *, llm_width: int = 64, visual_width: int = 64,
     )
 
 
-def _load_split(folder: Path, split: str):
-    """(CLIP-normalised pixels [N, 3, 112, 112], distortion index [N], strength [N]) of a ``qscorer synth`` split."""
+def _model_view(pixels: np.ndarray):
+    """What the tiny model's encoder sees of 112-px images (uint8 [N, 112, 112, 3]), at 112 px: the model's own
+    preprocessing (bicubic upsampling to 448 px, CLIP normalisation) average-pooled 4 x 4 [N, 3, 112, 112]. The
+    transplanted 32-px patch kernel on the 448-px pixels equals the pretrained 8-px one on these, exactly."""
     import torch
     from PIL import Image
 
-    from .model.constants import CLIP_MEAN, CLIP_STD
+    from .model.image_processing import process_images
+
+    chunks = []
+    for start in range(0, len(pixels), 256):
+        images = [Image.fromarray(image) for image in pixels[start : start + 256]]
+        chunks.append(torch.nn.functional.avg_pool2d(process_images(images), UPSAMPLING))
+    return torch.cat(chunks)
+
+
+def _load_split(folder: Path, split: str):
+    """(:func:`_model_view` of the images, distortion index [N], strength [N]) of a ``qscorer synth`` split."""
+    import torch
+    from PIL import Image
 
     records = json.loads((folder / "metas" / f"{split}.json").read_text())
     pixels = np.stack([np.asarray(Image.open(folder / record["image"]).convert("RGB")) for record in records])
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    images = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
     kinds = torch.tensor([DISTORTIONS.index(record["distortion"]) for record in records])
     strengths = torch.tensor([record["strength"] for record in records], dtype=torch.float32)
-    return images, kinds, strengths
+    return _model_view(pixels), kinds, strengths
+
+
+def dead_leaves(size: int, rng: np.random.Generator, *, discs: int = 1500) -> np.ndarray:
+    """A dead-leaves image (``size`` x ``size`` x 3 uint8): ``discs`` opaque discs painted over each other, radii of
+    density r^-3 between 2 px and the image side, grey levels uniform with a colour tint of std 35; drawn at twice
+    the size and downsampled with Lanczos, as ``qscorer synth`` resizes its crops. Content of endless variety, with
+    edges at every scale as in photos, that cannot be memorised."""
+    from PIL import Image, ImageDraw
+
+    side = 2 * size
+    low, high = 2.0, float(side)
+    u = rng.random(discs)
+    radii = 1 / np.sqrt((1 - u) / low**2 + u / high**2)
+    centres = rng.uniform(0, side, (discs, 2))
+    colours = np.clip(rng.uniform(0, 255, (discs, 1)) + rng.normal(0, 35, (discs, 3)), 0, 255).astype(int)
+    canvas = Image.new("RGB", (side, side), tuple(colours[0].tolist()))
+    draw = ImageDraw.Draw(canvas)
+    for (x, y), radius, colour in zip(centres, radii, colours):
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=tuple(colour.tolist()))
+    return np.asarray(canvas.resize((size, size), Image.Resampling.LANCZOS)).copy()
+
+
+def _dead_leaves_split(count: int, seed: int):
+    """Like :func:`_load_split`: ``count`` distorted dead-leaves images, four per canvas, the distortions in turn at
+    uniform strengths."""
+    import torch
+
+    from .data.synthetic import apply_distortion
+
+    rng = np.random.default_rng([seed, 2])
+    pixels, kinds, strengths = [], [], []
+    for index in range(count):
+        if index % 4 == 0:
+            canvas = dead_leaves(IMAGE_SIZE, rng)
+        kind, strength = index % len(DISTORTIONS), float(rng.random())
+        pixels.append(apply_distortion(canvas, DISTORTIONS[kind], strength, rng))
+        kinds.append(kind)
+        strengths.append(strength)
+    return _model_view(np.stack(pixels)), torch.tensor(kinds), torch.tensor(strengths, dtype=torch.float32)
 
 
 class _DescriptionProbe:
@@ -151,22 +196,30 @@ class _DescriptionProbe:
         return out[:, :-1], out[:, -1]
 
 
-def pretrain_encoder(data: str | Path, *, steps: int, seed: int = PRETRAINING_SEED, learning_rate: float = 1e-3,
-                     batch_size: int = 32, visual_width: int = 64):
-    """Pretrain the tiny vision encoder on the distortion descriptions of a ``qscorer synth`` folder of 112-px
-    images (AdamW, warm-up then cosine, gradient norm clipped at 1); returns the encoder."""
+def pretrain_encoder(images, kinds, strengths, *, steps: int, seed: int = PRETRAINING_SEED,
+                     learning_rate: float = 1e-3, batch_size: int = 32, visual_width: int = 64):
+    """Pretrain the tiny vision encoder to describe distortions of 112-px images (:func:`_model_view` [N, 3, 112, 112],
+    with each one's distortion index and strength); returns the encoder.
+
+    AdamW, warm-up then cosine, gradient norm clipped at 1. Each batch is flipped and turned by a random multiple
+    of 90 degrees, and the position embeddings stay at zero: a distortion looks the same wherever it is, and
+    positions would let the encoder tell the photos apart by where their content lies.
+    """
     import torch
     import torch.nn.functional as F
 
     from .model.configuration import MplugOwlVisionConfig
 
-    images, kinds, strengths = _load_split(Path(data), "train")
     if images.shape[-1] != IMAGE_SIZE:
-        raise QScorerError(f"{data}: the pretraining images must be {IMAGE_SIZE} px, not {images.shape[-1]}")
+        raise QScorerError(f"the pretraining images must be {IMAGE_SIZE} px, not {images.shape[-1]}")
     config = MplugOwlVisionConfig(hidden_size=visual_width, intermediate_size=2 * visual_width, num_hidden_layers=2,
                                   num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=SOURCE_PATCH)
     model = _DescriptionProbe(config, seed)
-    parameters = model.parameters()
+    positions = model.encoder.embeddings.position_embedding
+    with torch.no_grad():
+        positions.zero_()
+    positions.requires_grad_(False)
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     warmup = max(1, round(0.03 * steps))
@@ -175,7 +228,9 @@ def pretrain_encoder(data: str | Path, *, steps: int, seed: int = PRETRAINING_SE
         for group in optimizer.param_groups:
             group["lr"] = learning_rate * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         batch = torch.randint(0, len(images), (batch_size,), generator=generator)
-        logits, strength = model(images[batch])
+        flip, turns = torch.randint(0, 2, (1,), generator=generator), torch.randint(0, 4, (1,), generator=generator)
+        pixels = torch.rot90(images[batch].flip(3) if flip else images[batch], int(turns), (2, 3))
+        logits, strength = model(pixels)
         loss = F.cross_entropy(logits, kinds[batch]) + F.mse_loss(strength, strengths[batch])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -205,11 +260,10 @@ def transplant_encoder(model, encoder) -> None:
         model.deepmlp.output_layer.bias.fill_(HEAD_START)
 
 
-def pretrain_demo_base(output: str | Path, workdir: str | Path, *, num_train: int = 6000, num_test: int = 300,
-                       steps: int = 3000, seed: int = PRETRAINING_SEED) -> Path:
+def pretrain_demo_base(output: str | Path, workdir: str | Path, *, num_photo_images: int = 12000,
+                       num_dead_leaves: int = 8000, steps: int = 6000, seed: int = PRETRAINING_SEED) -> Path:
     """Build the demo's base into ``output`` (steps 1-3 of the module docstring); ``workdir`` receives the
-    pretraining images and the tokenizer. Only the train split is used; ``num_test`` is part of the synth call
-    (it moves the train crops), 300 for the shipped base."""
+    pretraining photo crops and the tokenizer."""
     import torch
 
     from .data import build_demo_tokenizer, load_tokenizer
@@ -219,9 +273,11 @@ def pretrain_demo_base(output: str | Path, workdir: str | Path, *, num_train: in
 
     workdir = Path(workdir)
     data = workdir / "pretraining_data"
-    build_synthetic_iqa(data, num_train=num_train, num_test=num_test, image_size=IMAGE_SIZE, seed=seed,
-                        distortions=DISTORTIONS, photos=PRETRAINING_PHOTOS)
-    encoder = pretrain_encoder(data, steps=steps, seed=seed)
+    build_synthetic_iqa(data, num_train=num_photo_images, num_test=0, image_size=IMAGE_SIZE, seed=seed,
+                        distortions=DISTORTIONS, train_outside_corners=True)
+    parts = [_load_split(data, "train"), _dead_leaves_split(num_dead_leaves, seed)]
+    images, kinds, strengths = (torch.cat(tensors) for tensors in zip(*parts))
+    encoder = pretrain_encoder(images, kinds, strengths, steps=steps, seed=seed)
     tokenizer = build_demo_tokenizer(workdir / "tokenizer")
     torch.manual_seed(seed)
     model = MPLUGOwl2LlamaForCausalLM(tiny_config(load_tokenizer(tokenizer).vocab_size))

@@ -2,12 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from qscorer.cli import main
 from qscorer.demo import tiny_config
-from qscorer.demo_base import PRETRAINING_PHOTOS, SHIPPED_BASE, demo_photos, transplant_encoder
+from qscorer.demo_base import DEMO_PHOTOS, SHIPPED_BASE, dead_leaves, transplant_encoder
 
 
 def test_demo_runs_the_pipeline_and_reports(tmp_path, capsys):
@@ -18,7 +19,7 @@ def test_demo_runs_the_pipeline_and_reports(tmp_path, capsys):
     assert summary["metrics"]["n"] == 8 and set(summary["seconds"]) == {"synth", "train", "infer", "eval"}
     assert summary["prompt"] == "training" and summary["base"] == str(SHIPPED_BASE)
     dataset = json.loads((out / "data" / "dataset.json").read_text())
-    assert sorted(dataset["source_photos"]) == sorted(demo_photos()) and dataset["image_size"] == 112
+    assert sorted(dataset["source_photos"]) == sorted(DEMO_PHOTOS) and dataset["image_size"] == 112
     predictions = [json.loads(line) for line in (out / "results" / "test.json").read_text().splitlines()]
     assert len(predictions) == 8 and all("score" in record for record in predictions)
     assert (out / "results" / "plots" / "test.png").read_bytes()[:4] == b"\x89PNG"
@@ -48,8 +49,15 @@ def test_tiny_config_scales_the_init_with_the_width():
     assert config.abstractor_config.grid_size == 14 and config.vision_config.image_size == 448
 
 
-def test_demo_photos_are_disjoint_from_the_pretraining_photos():
-    assert len(demo_photos()) == 6 and not set(demo_photos()) & set(PRETRAINING_PHOTOS)
+def test_dead_leaves_are_seeded_images_with_edges_at_many_scales():
+    first, again = (dead_leaves(112, np.random.default_rng(3)) for _ in range(2))
+    other = dead_leaves(112, np.random.default_rng(4))
+    assert first.shape == (112, 112, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    grey = first.astype(float).mean(axis=2)
+    steps = np.abs(np.diff(grey, axis=1))
+    assert (steps > 20).mean() > 0.1 and (steps < 2).mean() > 0.1  # sharp edges and flat leaves
+    assert len(np.unique(first.reshape(-1, 3), axis=0)) > 1000  # many leaves, anti-aliased edges
 
 
 def test_shipped_base_is_a_small_base_without_score_tokens():
@@ -59,9 +67,14 @@ def test_shipped_base_is_a_small_base_without_score_tokens():
 
 
 def test_transplanted_encoder_sees_an_upsampled_image_as_the_pretrained_one_sees_the_image():
-    """The 448-px encoder on a 4x nearest-upsampled 112-px image gives the 112-px encoder's features."""
+    """The 448-px encoder on a 4x nearest-upsampled 112-px image gives the 112-px encoder's features; on the model's
+    own preprocessing of a 112-px image, those of the 112-px encoder on the pretraining view of it."""
+    from PIL import Image
+
+    from qscorer.demo_base import _model_view
     from qscorer.model import MPLUGOwl2LlamaForCausalLM
     from qscorer.model.configuration import MplugOwlVisionConfig
+    from qscorer.model.image_processing import process_images
     from qscorer.model.vision import MplugOwlVisionModel
 
     class Attention:
@@ -81,4 +94,9 @@ def test_transplanted_encoder_sees_an_upsampled_image_as_the_pretrained_one_sees
         expected = encoder(image)
         got = model.model.vision_model(upsampled)
     assert got.shape == (2, 197, 64) and torch.allclose(got, expected, atol=1e-4)
+    photo = dead_leaves(112, np.random.default_rng(0))
+    with torch.no_grad():
+        seen = model.model.vision_model(process_images([Image.fromarray(photo)]))
+        pretrained_view = encoder(_model_view(photo[None]))
+    assert torch.allclose(seen, pretrained_view, atol=1e-4)
     assert model.deepmlp.output_layer.bias.tolist() == pytest.approx([3.0])

@@ -222,6 +222,27 @@ def test_no_content_leaks_between_train_and_test(dataset):
                 assert not (t[0] < u[2] and u[0] < t[2] and t[1] < u[3] and u[1] < t[3])
 
 
+def overlapping(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_train_outside_corners_shares_no_pixel_with_any_builds_test_crops(tmp_path):
+    """Test crops of builds with other seeds and counts all lie in the corners that such a build's train crops avoid."""
+    pretraining = build(tmp_path / "pre", num_train=160, num_test=0, seed=7, train_outside_corners=True)
+    train = load_meta(Path(pretraining["out_dir"]), "train.json")
+    assert len(train) == 160 and json.loads(Path(pretraining["dataset_json"]).read_text())["train_outside_corners"]
+    photos = load_source_photos()
+    side = round(1.25 * 64)
+    for seed, num_test in ((0, 12), (1, 40), (5, 100)):
+        test = load_meta(Path(build(tmp_path / f"held{seed}", num_train=4, num_test=num_test, seed=seed)["out_dir"]),
+                         "test.json")
+        for held in test:
+            height, width = photos[held["source"]].shape[:2]
+            left, top, right, bottom = held["crop"]
+            assert (left == 0 or right == width) and (top == 0 or bottom == height) and right - left <= side
+            assert not any(r["source"] == held["source"] and overlapping(r["crop"], held["crop"]) for r in train)
+
+
 # ---------------------------------------------------------------- quality signal
 
 

@@ -40,7 +40,7 @@ def run(args) -> int:
     (out / "demo.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     metrics = summary["metrics"]
     print(
-        "\nqscorer demo: a TINY model (LLM width 64, vision encoder pretrained on other photos) fine-tuned for "
+        "\nqscorer demo: a TINY model (LLM width 64, vision encoder pretrained to describe distortions) fine-tuned for "
         f"{summary['seconds']['train']:.0f} s on CPU on synthetic distortions."
     )
     print("It shows the pipeline working end to end; it says nothing about Q-Scorer's accuracy on real images.")

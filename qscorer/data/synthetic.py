@@ -312,16 +312,16 @@ def _place_train_crops(
     count: int,
     image_size: int,
     rng: np.random.Generator,
-    test_crops: list[SourceCrop],
+    blocked: list[SourceCrop],
 ) -> list[SourceCrop]:
-    """``count`` train crops (or fewer if no photo has room), anywhere outside the test crops (:func:`_place_crops`);
-    they may overlap each other."""
+    """``count`` train crops (or fewer if no photo has room), anywhere outside the ``blocked`` regions (the test
+    crops, :func:`_place_crops`); they may overlap each other."""
 
     def try_box(name: str, crops: list[SourceCrop]):
         photo = photos[name]
         side = _sample_side(photo, image_size, rng)
         free = np.ones((photo.shape[0] - side + 1, photo.shape[1] - side + 1), dtype=bool)  # allowed (top, left)
-        for left, top, right, bottom in (crop.box for crop in test_crops if crop.source == name):
+        for left, top, right, bottom in (crop.box for crop in blocked if crop.source == name):
             free[max(top - side + 1, 0) : bottom, max(left - side + 1, 0) : right] = False
         candidates = np.flatnonzero(free)
         if candidates.size == 0:
@@ -331,6 +331,19 @@ def _place_train_crops(
         return box if _is_detailed(photo, box) else None
 
     return _place_crops(photos, count, rng, try_box)
+
+
+def test_corners(photos: dict[str, np.ndarray], image_size: int) -> list[SourceCrop]:
+    """The four corner squares of each photo that hold every test crop any build of ``image_size`` can place (side:
+    the largest crop, ``CROP_SCALE[1] * image_size``)."""
+    corners = []
+    for name, photo in photos.items():
+        height, width = photo.shape[:2]
+        side = min(round(CROP_SCALE[1] * image_size), height, width)
+        for left in (0, width - side):
+            for top in (0, height - side):
+                corners.append(SourceCrop(name, (left, top, left + side, top + side)))
+    return corners
 
 
 def load_source_photos(names: tuple[str, ...] = SOURCE_PHOTOS) -> dict[str, np.ndarray]:
@@ -441,6 +454,7 @@ def build_synthetic_iqa(
     photos: tuple[str, ...] | list[str] = SOURCE_PHOTOS,
     variants_per_crop: int = 4,
     gt_noise: float = 0.1,
+    train_outside_corners: bool = False,
     progress: bool = True,
 ) -> dict:
     """Build the synthetic IQA dataset into ``out_dir`` and return its paths and counts.
@@ -448,6 +462,8 @@ def build_synthetic_iqa(
     Deterministic for a seed: the metas are byte-identical and the images pixel-identical across runs. Crops come
     from ``photos`` (names of :data:`SOURCE_PHOTOS`; two builds with disjoint ``photos`` share no content). Each
     source crop serves about ``variants_per_crop`` images; ``gt_noise`` is the std of the noise added to the MOS.
+    ``train_outside_corners`` keeps the train crops out of :func:`test_corners` as well, so that a model trained on
+    this build has seen no held-out crop of any other build of the same ``image_size`` (whatever its seed).
     ``out_dir`` must be absent, empty, or a previous output of this builder (which is replaced).
     """
     distortions, photo_names = tuple(distortions), tuple(photos)
@@ -460,7 +476,8 @@ def build_synthetic_iqa(
     test_crops = _place_test_crops(photos, math.ceil(num_test / variants_per_crop), image_size, planner)
     if num_test and not test_crops:
         raise QScorerError(f"no test crop of {image_size} px fits in the source photos")
-    train_crops = _place_train_crops(photos, math.ceil(num_train / variants_per_crop), image_size, planner, test_crops)
+    blocked = test_crops + (test_corners(photos, image_size) if train_outside_corners else [])
+    train_crops = _place_train_crops(photos, math.ceil(num_train / variants_per_crop), image_size, planner, blocked)
     if not train_crops:
         raise QScorerError(f"no train crop of {image_size} px fits in the source photos beside the test crops")
     splits = {"train": (num_train, train_crops), "test": (num_test, test_crops)}
@@ -516,6 +533,7 @@ def build_synthetic_iqa(
         "num_train": num_train,
         "num_test": num_test,
         "variants_per_crop": variants_per_crop,
+        "train_outside_corners": train_outside_corners,
         "num_crops": {"train": len(train_crops), "test": len(test_crops)},
         "distortions": {name: DISTORTION_PARAMETERS[name] for name in distortions},
         "ground_truth": {
@@ -595,4 +613,5 @@ __all__ = [
     "level_probs_from_mos",
     "load_source_photos",
     "mos_level",
+    "test_corners",
 ]
