@@ -14,9 +14,10 @@ image-processor config; no score tokens). ``scripts/pretrain_demo_base.py`` rebu
    distortion: which one it is (cross-entropy over :data:`DISTORTIONS`) and how strong (squared error on the
    strength in [0, 1]); never a quality score or level;
 3. a tiny mPLUG-Owl2 (:func:`tiny_config`) is initialised at random and takes the pretrained encoder (the probe is
-   dropped). The encoder is pretrained on the 112-px images themselves; the model sees them upsampled 4x to 448 px,
-   so its 32-px patches cover the same 8 x 8 source pixels and its patch kernel is the pretrained one spread over
-   4 x 4 pixels.
+   dropped). The model sees each 112-px image upsampled 4x to 448 px, so its 32-px patches cover the same 8 x 8
+   source pixels; its patch kernel is the pretrained one spread over 4 x 4 pixels, and the encoder was pretrained on
+   the model's own preprocessing of the images average-pooled 4 x 4 (:func:`_model_view`), which makes the two
+   exactly equivalent.
 
 32-px patches (14 x 14 = 196 patches) on 4x-upsampled 112-px images line each patch up with one 8 x 8 JPEG block:
 measured with the encoder alone, held-out SRCC after 500 steps was 0.43 with 8-px source patches and 0.24 with

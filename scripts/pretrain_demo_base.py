@@ -5,7 +5,7 @@
 See :mod:`qscorer.demo_base` for the recipe: ``qscorer synth`` crops of the bundled photos kept out of the corners
 that hold every held-out crop, and dead-leaves images; the vision encoder pretrained to describe the distortions
 (which one, how strong), then placed in a randomly initialised tiny mPLUG-Owl2. Deterministic for a seed on one
-machine; about 10 minutes on 2 CPU cores.
+machine; about 15 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
