@@ -122,10 +122,10 @@ def _load_split(folder: Path, split: str):
 
 
 def dead_leaves(size: int, rng: np.random.Generator, *, discs: int = 1500) -> np.ndarray:
-    """A dead-leaves image (``size`` x ``size`` x 3 uint8): ``discs`` opaque discs painted over each other, radii of
-    density r^-3 between 2 px and the image side, grey levels uniform with a colour tint of std 35; drawn at twice
-    the size and downsampled with Lanczos, as ``qscorer synth`` resizes its crops. Content of endless variety, with
-    edges at every scale as in photos, that cannot be memorised."""
+    """A dead-leaves image (``size`` x ``size`` x 3 uint8): ``discs`` opaque discs painted over each other on a
+    canvas of twice the size, radii of density r^-3 between 2 px and the canvas side, grey levels uniform with a
+    colour tint of std 35; the canvas is downsampled with Lanczos, as ``qscorer synth`` resizes its crops. Content
+    of endless variety, with edges at every scale as in photos, that cannot be memorised."""
     from PIL import Image, ImageDraw
 
     side = 2 * size
@@ -262,7 +262,7 @@ def transplant_encoder(model, encoder) -> None:
 
 
 def pretrain_demo_base(output: str | Path, workdir: str | Path, *, num_photo_images: int = 12000,
-                       num_dead_leaves: int = 8000, steps: int = 6000, seed: int = PRETRAINING_SEED) -> Path:
+                       num_dead_leaves: int = 12000, steps: int = 6000, seed: int = PRETRAINING_SEED) -> Path:
     """Build the demo's base into ``output`` (steps 1-3 of the module docstring); ``workdir`` receives the
     pretraining photo crops and the tokenizer."""
     import torch

@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--out", default=str(SHIPPED_BASE), help="base folder to write (replaced files)")
     parser.add_argument("--num-photo-images", type=int, default=12000, help="pretraining images cropped from photos")
-    parser.add_argument("--num-dead-leaves", type=int, default=8000, help="pretraining dead-leaves images")
+    parser.add_argument("--num-dead-leaves", type=int, default=12000, help="pretraining dead-leaves images")
     parser.add_argument("--steps", type=int, default=6000, help="pretraining steps of 32 images")
     parser.add_argument("--seed", type=int, default=PRETRAINING_SEED)
     args = parser.parse_args()

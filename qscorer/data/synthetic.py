@@ -333,7 +333,7 @@ def _place_train_crops(
     return _place_crops(photos, count, rng, try_box)
 
 
-def test_corners(photos: dict[str, np.ndarray], image_size: int) -> list[SourceCrop]:
+def held_out_corners(photos: dict[str, np.ndarray], image_size: int) -> list[SourceCrop]:
     """The four corner squares of each photo that hold every test crop any build of ``image_size`` can place (side:
     the largest crop, ``CROP_SCALE[1] * image_size``)."""
     corners = []
@@ -462,8 +462,8 @@ def build_synthetic_iqa(
     Deterministic for a seed: the metas are byte-identical and the images pixel-identical across runs. Crops come
     from ``photos`` (names of :data:`SOURCE_PHOTOS`; two builds with disjoint ``photos`` share no content). Each
     source crop serves about ``variants_per_crop`` images; ``gt_noise`` is the std of the noise added to the MOS.
-    ``train_outside_corners`` keeps the train crops out of :func:`test_corners` as well, so that a model trained on
-    this build has seen no held-out crop of any other build of the same ``image_size`` (whatever its seed).
+    ``train_outside_corners`` keeps the train crops out of :func:`held_out_corners` as well, so that a model trained
+    on this build has seen no held-out crop of any other build of the same ``image_size`` (whatever its seed).
     ``out_dir`` must be absent, empty, or a previous output of this builder (which is replaced).
     """
     distortions, photo_names = tuple(distortions), tuple(photos)
@@ -476,7 +476,7 @@ def build_synthetic_iqa(
     test_crops = _place_test_crops(photos, math.ceil(num_test / variants_per_crop), image_size, planner)
     if num_test and not test_crops:
         raise QScorerError(f"no test crop of {image_size} px fits in the source photos")
-    blocked = test_crops + (test_corners(photos, image_size) if train_outside_corners else [])
+    blocked = test_crops + (held_out_corners(photos, image_size) if train_outside_corners else [])
     train_crops = _place_train_crops(photos, math.ceil(num_train / variants_per_crop), image_size, planner, blocked)
     if not train_crops:
         raise QScorerError(f"no train crop of {image_size} px fits in the source photos beside the test crops")
@@ -610,8 +610,8 @@ __all__ = [
     "apply_distortion",
     "binary_level_probs",
     "build_synthetic_iqa",
+    "held_out_corners",
     "level_probs_from_mos",
     "load_source_photos",
     "mos_level",
-    "test_corners",
 ]
