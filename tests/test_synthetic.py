@@ -199,6 +199,10 @@ def test_other_seed_differs(dataset, tmp_path):
 # ---------------------------------------------------------------- split
 
 
+def overlapping(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def test_no_content_leaks_between_train_and_test(dataset):
     train, test = load_meta(dataset, "train.json"), load_meta(dataset, "test.json")
     photos = load_source_photos()
@@ -212,18 +216,13 @@ def test_no_content_leaks_between_train_and_test(dataset):
     for test_source, t in test_boxes:
         for train_source, b in train_boxes:
             if test_source == train_source:
-                overlap = t[0] < b[2] and b[0] < t[2] and t[1] < b[3] and b[1] < t[3]
-                assert not overlap, (test_source, t, b)
+                assert not overlapping(t, b), (test_source, t, b)
     # test crops are disjoint from each other too
     boxes = sorted(test_boxes)
     for i, (source_i, t) in enumerate(boxes):
         for source_j, u in boxes[i + 1 :]:
             if source_i == source_j:
-                assert not (t[0] < u[2] and u[0] < t[2] and t[1] < u[3] and u[1] < t[3])
-
-
-def overlapping(a, b) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+                assert not overlapping(t, u)
 
 
 def test_train_outside_corners_shares_no_pixel_with_any_builds_test_crops(tmp_path):

@@ -479,7 +479,8 @@ def build_synthetic_iqa(
     blocked = test_crops + (held_out_corners(photos, image_size) if train_outside_corners else [])
     train_crops = _place_train_crops(photos, math.ceil(num_train / variants_per_crop), image_size, planner, blocked)
     if not train_crops:
-        raise QScorerError(f"no train crop of {image_size} px fits in the source photos beside the test crops")
+        beside = "the test crops and the corners" if train_outside_corners else "the test crops"
+        raise QScorerError(f"no train crop of {image_size} px fits in the source photos beside {beside}")
     splits = {"train": (num_train, train_crops), "test": (num_test, test_crops)}
     for split, (count, crops) in splits.items():
         if count > len(crops) * variants_per_crop:
