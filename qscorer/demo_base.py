@@ -8,8 +8,8 @@ image-processor config; no score tokens). ``scripts/pretrain_demo_base.py`` rebu
 
 1. pretraining images: ``qscorer synth`` crops of all twelve bundled photos with the base's own seed, kept out of the
    four corners of every photo (``train_outside_corners``), where any ``qscorer synth`` build, the demo's included,
-   takes its held-out crops; and distorted dead-leaves images (:func:`dead_leaves`), whose content never repeats,
-   so that what the encoder learns is the distortion rather than the photo;
+   takes its held-out crops; and distorted textured dead-leaves images (:func:`dead_leaves`), whose content never
+   repeats, so that what the encoder learns is the distortion rather than the photo;
 2. the vision encoder, with a small probe on its mean / std pooled patch features, learns to *describe* each image's
    distortion: which one it is (cross-entropy over :data:`DISTORTIONS`) and how strong (squared error on the
    strength in [0, 1]); never a quality score or level;
@@ -121,24 +121,57 @@ def _load_split(folder: Path, split: str):
     return _model_view(pixels), kinds, strengths
 
 
-def dead_leaves(size: int, rng: np.random.Generator, *, discs: int = 1500) -> np.ndarray:
-    """A dead-leaves image (``size`` x ``size`` x 3 uint8): ``discs`` opaque discs painted over each other on a
-    canvas of twice the size, radii of density r^-3 between 2 px and the canvas side, grey levels uniform with a
-    colour tint of std 35; the canvas is downsampled with Lanczos, as ``qscorer synth`` resizes its crops. Content
-    of endless variety, with edges at every scale as in photos, that cannot be memorised."""
+def _power_law_texture(side: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """A ``side`` x ``side`` Gaussian texture of unit std whose power spectrum falls as 1 / f^``exponent``: grainy
+    near 1, cloudy near 3 (natural images are about 2)."""
+    rows = np.fft.fftfreq(side)[:, None]
+    columns = np.fft.rfftfreq(side)[None, :]
+    frequency = np.hypot(rows, columns)
+    frequency[0, 0] = 1.0
+    spectrum = (rng.normal(size=frequency.shape) + 1j * rng.normal(size=frequency.shape)) / frequency ** (exponent / 2)
+    spectrum[0, 0] = 0.0
+    texture = np.fft.irfft2(spectrum, s=(side, side))
+    return texture / texture.std()
+
+
+def dead_leaves(size: int, rng: np.random.Generator, *, textures: int = 4) -> np.ndarray:
+    """A textured dead-leaves image (``size`` x ``size`` x 3 uint8): content of endless variety that cannot be
+    memorised, with edges at every scale and textured surfaces, as in photos.
+
+    On a canvas of twice the size, 30..1500 opaque discs are painted over each other, radii of density r^-3 between
+    a smallest radius of 2..24 px and the canvas side (count and smallest radius drawn per image: from busy images to
+    a few large leaves). Each disc has a colour (grey level uniform, a tint of std 35); half of them a linear gradient
+    of up to 60 grey levels per canvas side; 60% a texture of up to 40 grey levels, one of ``textures`` power-law
+    textures (:func:`_power_law_texture`, exponent 1..3). The canvas is downsampled with Lanczos, as ``qscorer synth``
+    resizes its crops. Measured with the encoder alone after 3000 steps, on 400 held-out crops of the demo's photos:
+    flat-coloured discs gave SRCC 0.63, these 0.70.
+    """
     from PIL import Image, ImageDraw
 
     side = 2 * size
-    low, high = 2.0, float(side)
+    discs = int(rng.integers(30, 1500))
+    low, high = float(rng.uniform(2.0, 24.0)), float(side)
     u = rng.random(discs)
     radii = 1 / np.sqrt((1 - u) / low**2 + u / high**2)
     centres = rng.uniform(0, side, (discs, 2))
-    colours = np.clip(rng.uniform(0, 255, (discs, 1)) + rng.normal(0, 35, (discs, 3)), 0, 255).astype(int)
-    canvas = Image.new("RGB", (side, side), tuple(colours[0].tolist()))
-    draw = ImageDraw.Draw(canvas)
-    for (x, y), radius, colour in zip(centres, radii, colours):
-        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=tuple(colour.tolist()))
-    return np.asarray(canvas.resize((size, size), Image.Resampling.LANCZOS)).copy()
+    labels = Image.new("I", (side, side), 0)
+    draw = ImageDraw.Draw(labels)
+    for index, ((x, y), radius) in enumerate(zip(centres, radii)):
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=index)
+    leaf = np.asarray(labels).astype(np.int64)
+    colours = np.clip(rng.uniform(0, 255, (discs, 1)) + rng.normal(0, 35, (discs, 3)), 0, 255)
+    slopes = rng.normal(0, 1, (discs, 2)) * rng.uniform(0, 60, (discs, 1)) / side * (rng.random((discs, 1)) < 0.5)
+    fields = np.stack([_power_law_texture(side, exponent, rng) for exponent in rng.uniform(1.0, 3.0, textures)])
+    field_of_leaf = rng.integers(0, textures, discs)
+    amplitudes = rng.uniform(0, 40, discs) * (rng.random(discs) < 0.6)
+    rows, columns = np.mgrid[0:side, 0:side]
+    shading = (
+        slopes[leaf, 0] * (columns - centres[leaf, 0])
+        + slopes[leaf, 1] * (rows - centres[leaf, 1])
+        + amplitudes[leaf] * fields[field_of_leaf[leaf], rows, columns]
+    )
+    canvas = np.clip(np.rint(colours[leaf] + shading[..., None]), 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(canvas).resize((size, size), Image.Resampling.LANCZOS)).copy()
 
 
 def _dead_leaves_split(count: int, seed: int):
@@ -262,7 +295,7 @@ def transplant_encoder(model, encoder) -> None:
 
 
 def pretrain_demo_base(output: str | Path, workdir: str | Path, *, num_photo_images: int = 12000,
-                       num_dead_leaves: int = 12000, steps: int = 6000, seed: int = PRETRAINING_SEED) -> Path:
+                       num_dead_leaves: int = 12000, steps: int = 12000, seed: int = PRETRAINING_SEED) -> Path:
     """Build the demo's base into ``output`` (steps 1-3 of the module docstring); ``workdir`` receives the
     pretraining photo crops and the tokenizer."""
     import torch

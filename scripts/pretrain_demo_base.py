@@ -1,11 +1,11 @@
 """Rebuild the tiny pretrained base that ``qscorer demo`` fine-tunes (``qscorer/assets/demo_base``).
 
-    python scripts/pretrain_demo_base.py [--out qscorer/assets/demo_base] [--steps 6000]
+    python scripts/pretrain_demo_base.py [--out qscorer/assets/demo_base] [--steps 12000]
 
 See :mod:`qscorer.demo_base` for the recipe: ``qscorer synth`` crops of the bundled photos kept out of the corners
 that hold every held-out crop, and dead-leaves images; the vision encoder pretrained to describe the distortions
 (which one, how strong), then placed in a randomly initialised tiny mPLUG-Owl2. Deterministic for a seed on one
-machine; about 15 minutes on 2 CPU cores.
+machine; about 26 minutes on 2 CPU cores (4 to 5 of them preparing the images).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(SHIPPED_BASE), help="base folder to write (replaced files)")
     parser.add_argument("--num-photo-images", type=int, default=12000, help="pretraining images cropped from photos")
     parser.add_argument("--num-dead-leaves", type=int, default=12000, help="pretraining dead-leaves images")
-    parser.add_argument("--steps", type=int, default=6000, help="pretraining steps of 32 images")
+    parser.add_argument("--steps", type=int, default=12000, help="pretraining steps of 32 images")
     parser.add_argument("--seed", type=int, default=PRETRAINING_SEED)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

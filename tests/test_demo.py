@@ -8,7 +8,7 @@ import torch
 
 from qscorer.cli import main
 from qscorer.demo import tiny_config
-from qscorer.demo_base import DEMO_PHOTOS, SHIPPED_BASE, dead_leaves, transplant_encoder
+from qscorer.demo_base import DEMO_PHOTOS, SHIPPED_BASE, _power_law_texture, dead_leaves, transplant_encoder
 
 
 def test_demo_runs_the_pipeline_and_reports(tmp_path, capsys):
@@ -56,8 +56,19 @@ def test_dead_leaves_are_seeded_images_with_edges_at_many_scales():
     assert np.array_equal(first, again) and not np.array_equal(first, other)
     grey = first.astype(float).mean(axis=2)
     steps = np.abs(np.diff(grey, axis=1))
-    assert (steps > 20).mean() > 0.1 and (steps < 2).mean() > 0.1  # sharp edges and flat leaves
-    assert len(np.unique(first.reshape(-1, 3), axis=0)) > 1000  # many leaves, anti-aliased edges
+    assert (steps > 20).mean() > 0.1 and (steps < 2).mean() > 0.1  # sharp edges and smooth surfaces
+    assert len(np.unique(first.reshape(-1, 3), axis=0)) > 1000  # many leaves, textures, anti-aliased edges
+
+
+@pytest.mark.parametrize("exponent", [1.0, 2.0, 3.0])
+def test_leaf_textures_have_unit_std_and_a_power_law_spectrum(exponent):
+    texture = _power_law_texture(256, exponent, np.random.default_rng(0))
+    assert texture.std() == pytest.approx(1.0) and abs(texture.mean()) < 1e-9
+    power = np.abs(np.fft.rfft2(texture)) ** 2
+    frequency = np.hypot(np.fft.fftfreq(256)[:, None], np.fft.rfftfreq(256)[None, :])
+    band = (frequency > 0.02) & (frequency < 0.4)
+    slope = np.polyfit(np.log(frequency[band]), np.log(power[band]), 1)[0]
+    assert slope == pytest.approx(-exponent, abs=0.1)
 
 
 def test_shipped_base_is_a_small_base_without_score_tokens():
