@@ -141,10 +141,10 @@ def dead_leaves(size: int, rng: np.random.Generator, *, textures: int = 4) -> np
     On a canvas of twice the size, 30..1500 opaque discs are painted over each other, radii of density r^-3 between
     a smallest radius of 2..24 px and the canvas side (count and smallest radius drawn per image: from busy images to
     a few large leaves). Each disc has a colour (grey level uniform, a tint of std 35); half of them a linear gradient
-    of up to 60 grey levels per canvas side; 60% a texture of up to 40 grey levels, one of ``textures`` power-law
-    textures (:func:`_power_law_texture`, exponent 1..3). The canvas is downsampled with Lanczos, as ``qscorer synth``
-    resizes its crops. Measured with the encoder alone after 3000 steps, on 400 held-out crops of the demo's photos:
-    flat-coloured discs gave SRCC 0.63, these 0.70.
+    (per axis N(0, 1) x U(0, 60) grey levels across the canvas); 60% a texture of amplitude U(0, 40) grey levels, one
+    of ``textures`` power-law textures (:func:`_power_law_texture`, exponent 1..3). The canvas is downsampled with
+    Lanczos, as ``qscorer synth`` resizes its crops. Measured with the encoder alone after 3000 steps, on 400 held-out
+    crops of the demo's photos: flat-coloured discs gave SRCC 0.63, these 0.70.
     """
     from PIL import Image, ImageDraw
 
