@@ -300,6 +300,11 @@ def pretrain_demo_base(output: str | Path, workdir: str | Path, *, num_photo_ima
     pretraining photo crops and the tokenizer."""
     import torch
 
+    counts = {"num_photo_images": num_photo_images, "num_dead_leaves": num_dead_leaves, "steps": steps}
+    for name, value in counts.items():
+        if value < 1:
+            raise QScorerError(f"{name} must be at least 1, got {value}")
+
     from .data import build_demo_tokenizer, load_tokenizer
     from .data.synthetic import build_synthetic_iqa
     from .model import MPLUGOwl2LlamaForCausalLM

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 
 import torch
 
 from qscorer.demo_base import PRETRAINING_SEED, SHIPPED_BASE, pretrain_demo_base
+from qscorer.errors import QScorerError
 
 
 def main() -> None:
@@ -30,8 +32,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as workdir:
-        pretrain_demo_base(args.out, workdir, num_photo_images=args.num_photo_images,
-                           num_dead_leaves=args.num_dead_leaves, steps=args.steps, seed=args.seed)
+        try:
+            pretrain_demo_base(args.out, workdir, num_photo_images=args.num_photo_images,
+                               num_dead_leaves=args.num_dead_leaves, steps=args.steps, seed=args.seed)
+        except QScorerError as error:
+            sys.exit(f"pretrain_demo_base.py: {error}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,15 @@ import torch
 
 from qscorer.cli import main
 from qscorer.demo import tiny_config
-from qscorer.demo_base import DEMO_PHOTOS, SHIPPED_BASE, _power_law_texture, dead_leaves, transplant_encoder
+from qscorer.demo_base import (
+    DEMO_PHOTOS,
+    SHIPPED_BASE,
+    _power_law_texture,
+    dead_leaves,
+    pretrain_demo_base,
+    transplant_encoder,
+)
+from qscorer.errors import QScorerError
 
 
 def test_demo_runs_the_pipeline_and_reports(tmp_path, capsys):
@@ -58,6 +66,14 @@ def test_dead_leaves_are_seeded_images_with_edges_at_many_scales():
     steps = np.abs(np.diff(grey, axis=1))
     assert (steps > 20).mean() > 0.1 and (steps < 2).mean() > 0.1  # sharp edges and smooth surfaces
     assert len(np.unique(first.reshape(-1, 3), axis=0)) > 1000  # many leaves, textures, anti-aliased edges
+
+
+
+@pytest.mark.parametrize("option", ["num_photo_images", "num_dead_leaves", "steps"])
+def test_pretraining_refuses_an_empty_count_before_any_work(tmp_path, option):
+    with pytest.raises(QScorerError, match=f"{option} must be at least 1, got 0"):
+        pretrain_demo_base(tmp_path / "base", tmp_path / "work", **{option: 0})
+    assert not (tmp_path / "work").exists()
 
 
 @pytest.mark.parametrize("exponent", [1.0, 2.0, 3.0])
